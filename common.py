@@ -346,16 +346,29 @@ class ResNet(torchvision.models.ResNet):
 
 class ViT(torchvision.models.VisionTransformer):
     """torchvision ViT returning the CLS token after the final LayerNorm (pool='cls') or the mean of
-    the patch tokens (pool='mean')."""
+    the patch tokens (pool='mean'). Smaller inputs (multi-crop's local crops) get bicubically
+    interpolated position embeddings."""
 
     def __init__(self, pool="cls", **kw):
         super().__init__(**kw)
         self.heads, self.pool = nn.Identity(), pool
 
+    def pos_embed(self, n):  # (1, 1 + n, D) for n patches
+        pos = self.encoder.pos_embedding
+        if n == pos.shape[1] - 1:
+            return pos
+        g0, g = int(round((pos.shape[1] - 1) ** 0.5)), int(round(n**0.5))
+        grid = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        return torch.cat([pos[:, :1], grid], 1)
+
+    def tokens(self, x):  # (B, 3, S, S) -> (B, L, D) patch tokens, no CLS, no position
+        return self.conv_proj(x).flatten(2).transpose(1, 2)
+
     def forward(self, x):
-        x = self._process_input(x)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1)
-        x = self.encoder(x)  # (B, 1 + L, D), final LayerNorm included
+        x = self.tokens(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed(x.shape[1])
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))  # (B, 1 + L, D)
         return x[:, 0] if self.pool == "cls" else x[:, 1:].mean(1)
 
 

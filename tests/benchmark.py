@@ -1,0 +1,137 @@
+"""Benchmark (a script, not a test): training-step images/s and peak memory per method, the overhead of
+each method over a bare backbone forward+backward on the same crops, AMP agreement, and the data
+pipeline: batched multi-crop augmentation vs a per-image PIL torchvision pipeline doing the same crops.
+
+    python tests/benchmark.py                      # CUDA with bf16 autocast when present, else CPU
+    python tests/benchmark.py --device cpu --width 16 --batch-size 64
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import hydes  # noqa: E402
+import simclr  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, steps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def method_step(name, args, device, x, aug, amp):
+    mod = {"simclr": simclr, "hydes": hydes}[name]
+    cls = {"simclr": simclr.SimCLR, "hydes": hydes.HyDeS}[name]
+    torch.manual_seed(0)
+    backbone, dim = common.build_backbone(args.arch, 32, args.width)
+    model = cls(backbone, dim, args).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator(device=device).manual_seed(0)
+    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)  # noqa
+
+    def loss_of(views):
+        with ctx():
+            out = model(views)
+        return mod.nt_xent(*out, args.temperature) if name == "simclr" else hydes.hydes_loss(out, args.kappa)[0]
+
+    views = aug(x, g)
+
+    def step():
+        loss = loss_of(views)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def bare():  # the backbone alone on the same crops, one pass per crop size, sum of features as loss
+        with ctx():
+            sizes = sorted({v.shape[-1] for v in views})
+            loss = sum(backbone(torch.cat([v for v in views if v.shape[-1] == s])).float().mean() for s in sizes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    with torch.no_grad():  # AMP agreement: the same weights and crops in bf16 autocast and in fp32
+        model.eval()
+        l32 = (mod.nt_xent(*model(views), args.temperature) if name == "simclr"
+               else hydes.hydes_loss(model(views), args.kappa)[0]).item()
+        lamp = loss_of(views).item()
+        model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_step = timed(step, device, args.steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    t_bare = timed(bare, device, args.steps)
+    t_aug = timed(lambda: aug(x, g), device, args.steps)
+    n = x.shape[0]
+    print(f"{name:7s} {args.arch} w{args.width} crops={len(views)} batch={n}: step {n / t_step:8.0f} img/s "
+          f"(+aug {n / (t_step + t_aug):8.0f} img/s), bare backbone {n / t_bare:8.0f} img/s, "
+          f"method overhead {100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, "
+          f"loss fp32 {l32:.5f} vs amp {lamp:.5f}", flush=True)
+
+
+def pil_pipeline(images, n_global, n_local):
+    """Per-image torchvision v1 pipeline on PIL images doing the same crops/jitter (the reference)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    def chain(size, scale):
+        return T.Compose([T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                          T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    glob, loc = chain(32, (0.4, 1.0)), chain(16, (0.05, 0.4))
+    pils = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+
+    def run():
+        out = [[glob(p) for p in pils] for _ in range(n_global)] + [[loc(p) for p in pils] for _ in range(n_local)]
+        return [torch.stack(v) for v in out]
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    amp = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    print(f"device {torch.cuda.get_device_name() if amp else 'cpu'} torch {torch.__version__} threads "
+          f"{torch.get_num_threads()} amp {'bf16' if amp else 'off'}")
+    images = common.synthetic(max(args.batch_size, 512), 0).images
+    x = images[: args.batch_size].to(device)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    for name, argv, crops in (("simclr", [], (2, 0)), ("hydes", [], (2, 6))):
+        margs = (simclr if name == "simclr" else hydes).get_args(
+            argv + ["--arch", args.arch, "--width", str(args.width), "--dataset", "synthetic", "--out-dir", "/tmp/bench"])
+        margs.steps = args.steps
+        aug = common.MultiCrop(32, mean, std, *crops, (0.08, 1.0) if name == "simclr" else (0.4, 1.0))
+        method_step(name, margs, device, x, aug, amp)
+    # data pipeline: 2 global + 6 local crops of 32 px images
+    aug = common.MultiCrop(32, mean, std, 2, 6)
+    g = torch.Generator(device=device).manual_seed(0)
+    xb = images[:512].to(device)
+    t_batched = timed(lambda: aug(xb, g), device, 5, warmup=2)
+    t_pil = timed(pil_pipeline(images[:512], 2, 6), torch.device("cpu"), 1, warmup=0)
+    print(f"multi-crop 2x32px + 6x16px on 512 images: batched ({device.type}) {512 / t_batched:9.0f} img/s, "
+          f"PIL per-image (1 CPU process) {512 / t_pil:7.0f} img/s, ratio {t_pil / t_batched:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
