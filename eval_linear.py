@@ -34,6 +34,7 @@ def get_args(argv=None):
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs over the frozen features")
     p.add_argument("--probe-lr", type=float, default=0.1, help="linear-probe SGD learning rate (batch 256)")
     p.add_argument("--probe-wd", type=float, default=0.0, help="linear-probe weight decay")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (quick checks)")
     p.add_argument("--geometry", action="store_true", help="also report effective rank, anisotropy, angles")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe and of the geometry's augmentations")
@@ -97,7 +98,8 @@ def main(args):
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"])
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
     labelled = memory.labels >= 0
-    memory = common.ImageTensors(memory.images[labelled], memory.labels[labelled])
+    memory = common.ImageTensors(memory.images[labelled][: args.limit], memory.labels[labelled][: args.limit])
+    val = common.ImageTensors(val.images[: args.limit], val.labels[: args.limit])
     size = memory.images.shape[-1]
     backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"))
     try:
