@@ -287,25 +287,30 @@ class MultiCrop:
     flip; for >= 64 px images DINO's blur (global 1.0 / 0.1, local 0.5) and solarise (2nd global, 0.2)."""
 
     def __init__(self, image_size, mean, std, n_global=2, n_local=0, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4)):
+                 local_scale=(0.05, 0.4), color=True):
         self.gsize, self.lsize = image_size, max(image_size // 2, 8)
         self.n_global, self.n_local = n_global, n_local
         self.gscale, self.lscale = tuple(global_scale), tuple(local_scale)
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-        self.big = image_size >= 64
+        self.big, self.color = image_size >= 64, color  # color=False: crop + flip only (MAE)
 
     def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
         B, dev = x.shape[0], x.device
         coin = lambda p: torch.rand(B, 1, 1, 1, generator=g, device=dev) < p  # noqa: E731
         v = random_resized_crop(x, size, scale, g).clamp(0, 1)
+        if not self.color:
+            return self.finish(v)
         v = torch.where(coin(0.8), color_jitter(v, g), v)
         v = torch.where(coin(0.2), _gray(v).expand_as(v), v)
         if self.big and blur_p > 0:
             v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
         if self.big and solarize_p > 0:
             v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
-        v = (v - self.mean.to(dev)) / self.std.to(dev)
-        return v.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else v
+        return self.finish(v)
+
+    def finish(self, v):  # normalise; channels_last for cuDNN convolutions
+        v = (v - self.mean.to(v.device)) / self.std.to(v.device)
+        return v.contiguous(memory_format=torch.channels_last) if v.device.type == "cuda" else v
 
     def __call__(self, x, g):
         x = x.float() / 255
@@ -372,8 +377,9 @@ class ViT(torchvision.models.VisionTransformer):
         return x[:, 0] if self.pool == "cls" else x[:, 1:].mean(1)
 
 
-def build_backbone(arch, image_size=32, width=64, pool="cls"):
-    """-> (backbone, feature_dim). The backbone maps (B, 3, S, S) images to (B, feature_dim)."""
+def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
+    """-> (backbone, feature_dim). The backbone maps (B, 3, S, S) images to (B, feature_dim).
+    ViT patch size: 4 for <= 32 px, 8 for <= 96 px, else 16, unless `patch` is given."""
     R = torchvision.models.resnet
     if arch == "resnet18":
         return ResNet(R.BasicBlock, [2, 2, 2, 2], width, image_size <= 64), 8 * width
@@ -381,7 +387,7 @@ def build_backbone(arch, image_size=32, width=64, pool="cls"):
         return ResNet(R.Bottleneck, [3, 4, 6, 3], width, image_size <= 64), 32 * width
     if arch in ("vit_tiny", "vit_small"):
         dim, heads = (192, 3) if arch == "vit_tiny" else (384, 6)
-        patch = 4 if image_size <= 32 else 8 if image_size <= 96 else 16
+        patch = patch or (4 if image_size <= 32 else 8 if image_size <= 96 else 16)
         if image_size % patch:
             die(f"image size {image_size} is not divisible by the ViT patch size {patch}")
         vit = ViT(pool, image_size=image_size, patch_size=patch, num_layers=12, num_heads=heads,

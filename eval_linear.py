@@ -101,7 +101,8 @@ def main(args):
     memory = common.ImageTensors(memory.images[labelled][: args.limit], memory.labels[labelled][: args.limit])
     val = common.ImageTensors(val.images[: args.limit], val.labels[: args.limit])
     size = memory.images.shape[-1]
-    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"))
+    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"),
+                                        saved.get("patch_size"))
     try:
         backbone.load_state_dict(ck["backbone"])
     except RuntimeError as e:

@@ -1,0 +1,109 @@
+"""M-MAE: TCR closed forms and Taylor link to U-MAE, masking, MAE loss; end to end. Numbers by hand."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, run
+from mmae import mae_loss, patchify, random_masking, square_reg, tcr, unpatchify
+
+
+def orthonormal(b, d, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q[:b]
+
+
+@pytest.mark.parametrize("b,d,mu", [(4, 16, 3.0), (16, 16, 1.0), (10, 192, 3.0)])
+def test_tcr_orthonormal_rows(b, d, mu):
+    # Z^T Z is a rank-B projection: eigenvalues 1 (B times) and 0, so log det(I + (mu/d) Z^T Z) = B log(1 + mu/d)
+    assert tcr(orthonormal(b, d), mu).item() == pytest.approx(b * math.log(1 + mu / d), rel=1e-10)
+
+
+@pytest.mark.parametrize("b,d,mu", [(8, 16, 3.0), (64, 16, 3.0), (300, 192, 1.0)])
+def test_tcr_identical_rows(b, d, mu):
+    # Z Z^T = 1 1^T (B x B), eigenvalues B and 0 (B-1 times): TCR = log(1 + mu B / d); both Gram sides
+    z = torch.zeros(b, d, dtype=torch.float64)
+    z[:, 3] = 2.5  # normalised inside
+    assert tcr(z, mu).item() == pytest.approx(math.log(1 + mu * b / d), rel=1e-10)
+    assert math.isfinite(tcr(z.float(), mu).item())  # collapsed features stay finite in fp32
+
+
+def test_tcr_sylvester_and_rotation():
+    g = torch.Generator().manual_seed(1)
+    for b, d in ((6, 20), (20, 6)):
+        z = torch.randn(b, d, generator=g, dtype=torch.float64)
+        zn = z / z.norm(dim=1, keepdim=True)
+        c = 3.0 / d
+        big = torch.logdet(torch.eye(d, dtype=torch.float64) + c * zn.T @ zn)  # d x d form, directly
+        small = torch.logdet(torch.eye(b, dtype=torch.float64) + c * zn @ zn.T)  # B x B form
+        assert big.item() == pytest.approx(small.item(), rel=1e-10)
+        assert tcr(z, 3.0).item() == pytest.approx(big.item(), rel=1e-10)
+        q = orthonormal(d, d, seed=2)
+        assert tcr(z @ q, 3.0).item() == pytest.approx(big.item(), rel=1e-10)
+
+
+def test_taylor_link_to_umae_square():
+    # log det(I + cG) = c tr G - (c^2/2) tr G^2 + O(c^3); tr G = B (unit rows), tr G^2 = B^2 mean((Z Z^T)^2).
+    # The remainder must shrink like c^3: halving mu divides it by ~8.
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b, d = z.shape
+
+    def remainder(mu):
+        c = mu / d
+        return abs(tcr(z, mu).item() - (c * b - c**2 / 2 * b**2 * square_reg(z).item()))
+    r1, r2 = remainder(0.1), remainder(0.05)
+    assert r1 / r2 == pytest.approx(8.0, rel=0.05)
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(unpatchify(patchify(x, 4), 4), x)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48) and torch.equal(p[0, 1].view(4, 4, 3)[..., 0], x[0, 0, :4, 4:])  # top-right patch
+
+
+def test_random_masking_counts_restore_and_independence():
+    B, L, D = 16, 64, 5
+    x = torch.randn(B, L, D)
+    vis, mask, ids_restore = random_masking(x, 0.75, torch.Generator().manual_seed(0))
+    assert vis.shape == (B, 16, D) and (mask.sum(1) == 48).all()  # round(64 * 0.25) = 16 visible
+    assert len({tuple(m.tolist()) for m in mask}) == B  # a different mask for every sample
+    # [visible, zeros for hidden] gathered with ids_restore = the input with hidden tokens zeroed
+    full = torch.cat([vis, torch.zeros(B, L - 16, D)], 1).gather(1, ids_restore[..., None].expand(-1, -1, D))
+    assert torch.equal(full, x * (1 - mask[..., None]))
+    assert random_masking(torch.randn(2, 10, 3), 0.75)[0].shape[1] == 2  # round(2.5) = 2 (half to even)
+
+
+def test_mae_loss_zero_on_target_and_ignores_visible():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 16, 12, generator=g)
+    mask = (torch.rand(3, 16, generator=g) < 0.75).float()
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    pred = normed + 5.0 * (1 - mask[..., None]) * torch.randn(3, 16, 12, generator=g)  # errors on visible only
+    assert mae_loss(pred, target, mask, norm_pix=True).item() == pytest.approx(0.0, abs=1e-10)
+    # without normalisation: pred = target + 1 on the masked patches gives exactly 1
+    assert mae_loss(target + 1.0, target, mask, norm_pix=False).item() == pytest.approx(1.0, rel=1e-6)
+
+
+MMAE_TINY = [("vit_tiny" if a == "resnet18" else "128" if a == "256" else a) for a in TINY] + [
+    "--decoder-depth", "1", "--decoder-dim", "64"]
+
+
+def test_lam_zero_is_mae_and_end_to_end(tmp_path):
+    run("mmae.py", *MMAE_TINY, "--lam", "0", "--out-dir", tmp_path / "mae", "--eval-every", "0")
+    rec = json.loads(open(tmp_path / "mae" / "log.jsonl").readline())
+    assert rec["loss"] == rec["recon"]  # lambda = 0: the objective is the MAE loss exactly
+    run("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean", "--eval-every", "0")
+    rec = json.loads(open(tmp_path / "mmae" / "log.jsonl").readline())
+    assert rec["loss"] < rec["recon"] and rec["tcr"] > 0 and 1 <= rec["effective_rank"] <= 64
+    assert (tmp_path / "mmae" / "recon_0001.png").stat().st_size > 0
+    run("eval_linear.py", "--checkpoint", tmp_path / "mmae" / "last.pt", "--probe-epochs", "2", "--limit", "200")
+    assert json.load(open(tmp_path / "mmae" / "last.eval.json"))["feature_dim"] == 192
+
+
+@pytest.mark.parametrize("extra,flag", [(["--mask-ratio", "1"], "--mask-ratio"), (["--mask-ratio", "0"], "--mask-ratio"),
+                                        (["--patch-size", "5"], "divisible")])
+def test_bad_input(tmp_path, extra, flag):
+    p = run("mmae.py", *MMAE_TINY, "--out-dir", tmp_path, *extra, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and flag in p.stderr, p.stderr
