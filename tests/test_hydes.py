@@ -1,4 +1,5 @@
 """HyDeS closed forms. Every expected number is derived by hand in the comment above its check."""
+import json
 import math
 
 import pytest
@@ -133,3 +134,21 @@ def test_bad_input(tmp_path, extra, words):
     p = run("hydes.py", *HYDES_TINY, "--out-dir", tmp_path, *extra, check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "error:" in p.stderr
     assert all(w in p.stderr for w in words), p.stderr
+
+
+def test_hydes_learns_on_synthetic(tmp_path):
+    # A short CPU run (ResNet-18 width 8, 2 + 2 crops, kappa = 10 for a sharper kernel than the paper's 1,
+    # 6 epochs of the 5000 synthetic images, ~90 s). Measured when written: random init 25.6% kNN top-1,
+    # after HyDeS 41.1% (53.2% with 10 epochs). Asked for: 8 points above the same backbone's random init.
+    import common
+    run("hydes.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--batch-size", "128",
+        "--epochs", "6", "--warmup-epochs", "1", "--proj-hidden", "256", "--lr", "3e-3", "--local-crops", "2",
+        "--kappa", "10", "--eval-every", "6", "--device", "cpu", "--out-dir", tmp_path)
+    trained = json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["knn_top1"]
+    torch.manual_seed(0)
+    net, _ = common.build_backbone("resnet18", 32, 8)
+    train, val = common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val")
+    x = train.images.float() / 255
+    random_init = common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+    print(f"random-init kNN {random_init:.1f}%, after HyDeS {trained:.1f}%")
+    assert trained >= random_init + 8
