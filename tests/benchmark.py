@@ -14,8 +14,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import dino  # noqa: E402
+import entrec  # noqa: E402
 import hydes  # noqa: E402
+import mmae  # noqa: E402
 import simclr  # noqa: E402
+
+METHODS = {"simclr": (simclr, 2, 0, (0.08, 1.0)), "hydes": (hydes, 2, 6, (0.4, 1.0)), "dino": (dino, 2, 6, (0.4, 1.0)),
+           "entrec": (entrec, 2, 0, (0.08, 1.0)), "mmae": (mmae, 1, 0, (0.2, 1.0))}
 
 
 def sync(device):
@@ -34,53 +40,69 @@ def timed(fn, device, steps, warmup=3):
     return (time.perf_counter() - t) / steps
 
 
-def method_step(name, args, device, x, aug, amp):
-    mod = {"simclr": simclr, "hydes": hydes}[name]
-    cls = {"simclr": simclr.SimCLR, "hydes": hydes.HyDeS}[name]
+def build(name, margs, device):
+    """-> (model, loss_of(views) -> scalar loss, backbone) for one method, as its train() builds them."""
+    mod = METHODS[name][0]
     torch.manual_seed(0)
-    backbone, dim = common.build_backbone(args.arch, 32, args.width)
-    model = cls(backbone, dim, args).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    backbone, dim = common.build_backbone(margs.arch, 32, margs.width)
+    if name == "simclr":
+        model = simclr.SimCLR(backbone, dim, margs)
+        return model, lambda v: simclr.nt_xent(*model(v), margs.temperature), backbone
+    if name == "hydes":
+        model = hydes.HyDeS(backbone, dim, margs)
+        return model, lambda v: hydes.hydes_loss(model(v), margs.kappa)[0], backbone
+    if name == "dino":
+        model = dino.DINO(backbone, dim, margs)
+        return model, lambda v: model.criterion(*model(v), 0), backbone
+    if name == "entrec":
+        model = entrec.EntRec(backbone, dim, margs)
+        return model, lambda v: entrec.entrec_loss(model, *model(v), margs)[0], backbone
+    model = mmae.MAE(backbone, dim, margs)
+
+    def loss_of(v):
+        pred, mask, z = model(v[0], margs.mask_ratio, torch.Generator(device=v[0].device).manual_seed(0))
+        return mod.mae_loss(pred, mod.patchify(v[0], model.patch), mask) - margs.lam * mod.tcr(z, margs.mu)
+    return model, loss_of, backbone
+
+
+def method_step(name, margs, device, x, aug, amp, steps):
+    model, loss_fn, backbone = build(name, margs, device)
+    model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
-    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)  # noqa
-
-    def loss_of(views):
-        with ctx():
-            out = model(views)
-        return mod.nt_xent(*out, args.temperature) if name == "simclr" else hydes.hydes_loss(out, args.kappa)[0]
-
+    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     views = aug(x, g)
 
     def step():
-        loss = loss_of(views)
+        with ctx():
+            loss = loss_fn(views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    def bare():  # the backbone alone on the same crops, one pass per crop size, sum of features as loss
+    def bare():  # the backbone alone on the same crops, one pass per crop size
         with ctx():
             sizes = sorted({v.shape[-1] for v in views})
             loss = sum(backbone(torch.cat([v for v in views if v.shape[-1] == s])).float().mean() for s in sizes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
-    with torch.no_grad():  # AMP agreement: the same weights and crops in bf16 autocast and in fp32
-        model.eval()
-        l32 = (mod.nt_xent(*model(views), args.temperature) if name == "simclr"
-               else hydes.hydes_loss(model(views), args.kappa)[0]).item()
-        lamp = loss_of(views).item()
-        model.train()
+    model.eval()  # AMP agreement: the same weights and crops, bf16 autocast vs fp32 (BN in eval mode)
+    with torch.no_grad():
+        l32 = loss_fn(views).item()
+        with ctx():
+            lamp = loss_fn(views).item()
+    model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_step = timed(step, device, args.steps)
+    t_step = timed(step, device, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    t_bare = timed(bare, device, args.steps)
-    t_aug = timed(lambda: aug(x, g), device, args.steps)
+    t_bare = timed(bare, device, steps)
+    t_aug = timed(lambda: aug(x, g), device, steps)
     n = x.shape[0]
-    print(f"{name:7s} {args.arch} w{args.width} crops={len(views)} batch={n}: step {n / t_step:8.0f} img/s "
-          f"(+aug {n / (t_step + t_aug):8.0f} img/s), bare backbone {n / t_bare:8.0f} img/s, "
-          f"method overhead {100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, "
-          f"loss fp32 {l32:.5f} vs amp {lamp:.5f}", flush=True)
+    print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}: step {n / t_step:7.0f} img/s "
+          f"(with aug {n / (t_step + t_aug):7.0f}), bare backbone {n / t_bare:7.0f} img/s, overhead "
+          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, loss fp32 {l32:.5f} / amp {lamp:.5f}", flush=True)
 
 
 def pil_pipeline(images, n_global, n_local):
@@ -108,6 +130,7 @@ def main():
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     args = p.parse_args()
     device = torch.device(args.device)
     amp = device.type == "cuda"
@@ -117,12 +140,14 @@ def main():
     images = common.synthetic(max(args.batch_size, 512), 0).images
     x = images[: args.batch_size].to(device)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    for name, argv, crops in (("simclr", [], (2, 0)), ("hydes", [], (2, 6))):
-        margs = (simclr if name == "simclr" else hydes).get_args(
-            argv + ["--arch", args.arch, "--width", str(args.width), "--dataset", "synthetic", "--out-dir", "/tmp/bench"])
-        margs.steps = args.steps
-        aug = common.MultiCrop(32, mean, std, *crops, (0.08, 1.0) if name == "simclr" else (0.4, 1.0))
-        method_step(name, margs, device, x, aug, amp)
+    for name, (mod, n_global, n_local, scale) in METHODS.items():
+        if args.methods and name not in args.methods.split(","):
+            continue
+        arch = "vit_tiny" if name == "mmae" else args.arch
+        margs = mod.get_args(["--arch", arch, "--width", str(args.width), "--dataset", "synthetic",
+                              "--out-dir", "/tmp/bench"] + (["--out-dim", "4096"] if name == "dino" else []))
+        aug = common.MultiCrop(32, mean, std, n_global, n_local, scale, color=name != "mmae")
+        method_step(name, margs, device, x, aug, amp, args.steps)
     # data pipeline: 2 global + 6 local crops of 32 px images
     aug = common.MultiCrop(32, mean, std, 2, 6)
     g = torch.Generator(device=device).manual_seed(0)
