@@ -100,9 +100,14 @@ def method_step(name, margs, device, x, aug, amp, steps):
     t_bare = timed(bare, device, steps)
     t_aug = timed(lambda: aug(x, g), device, steps)
     n = x.shape[0]
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step (matmuls and convs)
+        step()
+    tflops = fc.get_total_flops() / t_step / 1e12
     print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}: step {n / t_step:7.0f} img/s "
           f"(with aug {n / (t_step + t_aug):7.0f}), bare backbone {n / t_bare:7.0f} img/s, overhead "
-          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, loss fp32 {l32:.5f} / amp {lamp:.5f}", flush=True)
+          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, loss fp32 {l32:.5f} / amp {lamp:.5f}, "
+          f"{tflops:.1f} TFLOP/s", flush=True)
 
 
 def pil_pipeline(images, n_global, n_local):
