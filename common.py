@@ -53,6 +53,8 @@ def add_common_args(p):
     a("--eval-every", type=int, default=10, help="weighted-kNN monitor on the held-out split every K epochs (0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
+    a("--aug", default="batched", choices=("batched", "pil"),
+      help="batched tensor augmentation on the device, or the per-image PIL torchvision reference pipeline")
     a("--compile", action="store_true", help="torch.compile the model in place (CUDA; slower start, faster steps)")
     return p
 
@@ -288,12 +290,27 @@ class MultiCrop:
     flip; for >= 64 px images DINO's blur (global 1.0 / 0.1, local 0.5) and solarise (2nd global, 0.2)."""
 
     def __init__(self, image_size, mean, std, n_global=2, n_local=0, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4), color=True):
+                 local_scale=(0.05, 0.4), color=True, backend="batched"):
         self.gsize, self.lsize = image_size, max(image_size // 2, 8)
         self.n_global, self.n_local = n_global, n_local
         self.gscale, self.lscale = tuple(global_scale), tuple(local_scale)
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
         self.big, self.color = image_size >= 64, color  # color=False: crop + flip only (MAE)
+        if backend == "pil":  # the reference: torchvision transforms, image by image, on the CPU
+            self.pil = [self.pil_chain(self.gsize, self.gscale, (1.0, 0.1)[i % 2], (0.0, 0.2)[i % 2])
+                        for i in range(n_global)] + [self.pil_chain(self.lsize, self.lscale, 0.5, 0.0)] * n_local
+        else:
+            self.pil = None
+
+    def pil_chain(self, size, scale, blur_p, solarize_p):
+        T = torchvision.transforms
+        ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip()]
+        if self.color:
+            ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+        if self.color and self.big:
+            ops += [T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, (0.1, 2.0))], p=blur_p),
+                    T.RandomSolarize(128, p=solarize_p)]
+        return T.Compose(ops + [T.ToTensor(), T.Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist())])
 
     def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
         """One crop per row of x; blur_p / solarize_p are scalars or per-row (B, 1, 1, 1) tensors."""
@@ -310,16 +327,24 @@ class MultiCrop:
         return v.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else v
 
     def __call__(self, x, g):
-        """All crops of one size are made in a single batched pass (few, large kernels), then split."""
-        x, B = x.float() / 255, x.shape[0]
-        per_crop = lambda ps: torch.tensor(ps, device=x.device).repeat_interleave(B).view(-1, 1, 1, 1)  # noqa: E731
-        ng, nl = self.n_global, self.n_local
-        views = self.view(x.repeat(ng, 1, 1, 1), self.gsize, self.gscale, g,
-                          per_crop([(1.0, 0.1)[i % 2] for i in range(ng)]),
-                          per_crop([(0.0, 0.2)[i % 2] for i in range(ng)])).split(B)
-        if nl:
-            views += self.view(x.repeat(nl, 1, 1, 1), self.lsize, self.lscale, g, 0.5).split(B)
-        return list(views)
+        """uint8 (B, 3, H, W) on the device -> list of n_global + n_local normalised views (B, 3, s, s)."""
+        if self.pil is not None:  # uses torch's global RNG, not g
+            from PIL import Image
+            pils = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
+            return [torch.stack([tf(p) for p in pils]).to(x.device) for tf in self.pil]
+        x, ng, nl = x.float() / 255, self.n_global, self.n_local
+        views = self.crops(x, ng, self.gsize, self.gscale, g, [(1.0, 0.1)[i % 2] for i in range(ng)],
+                           [(0.0, 0.2)[i % 2] for i in range(ng)])
+        return views + self.crops(x, nl, self.lsize, self.lscale, g, [0.5] * nl, [0.0] * nl)
+
+    def crops(self, x, n, size, scale, g, blur_ps, solarize_ps):
+        if n == 0:
+            return []
+        if x.device.type != "cuda":  # CPU: one cache-sized pass per crop is faster
+            return [self.view(x, size, scale, g, b, s) for b, s in zip(blur_ps, solarize_ps)]
+        B = x.shape[0]  # GPU: all n crops in one pass (few, large kernels), then split
+        per_row = lambda ps: torch.tensor(ps, device=x.device).repeat_interleave(B).view(-1, 1, 1, 1)  # noqa: E731
+        return list(self.view(x.repeat(n, 1, 1, 1), size, scale, g, per_row(blur_ps), per_row(solarize_ps)).split(B))
 
 
 def normalize_eval(x, mean, std):

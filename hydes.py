@@ -140,7 +140,7 @@ def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
     aug = common.MultiCrop(images.shape[-1], *stats, args.global_crops, args.local_crops, args.global_scale,
-                           args.local_scale)
+                           args.local_scale, backend=args.aug)
     backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width)
     model = HyDeS(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
     model = common.wrap_ddp(model, device, args)

@@ -184,7 +184,8 @@ def save_recon(model, imgs, args, stats, path, n=8):
 def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(images.shape[-1], *stats, n_global=1, global_scale=(args.min_scale, 1.0), color=False)
+    aug = common.MultiCrop(images.shape[-1], *stats, n_global=1, global_scale=(args.min_scale, 1.0),
+                           color=False, backend=args.aug)
     backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width, args.pool, args.patch_size)
     model = MAE(backbone, feat_dim, args).to(device)
     model = common.wrap_ddp(model, device, args)

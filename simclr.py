@@ -79,7 +79,8 @@ class SimCLR(nn.Module):
 def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(images.shape[-1], *stats, n_global=2, global_scale=(args.min_scale, 1.0))
+    aug = common.MultiCrop(images.shape[-1], *stats, n_global=2, global_scale=(args.min_scale, 1.0),
+                           backend=args.aug)
     backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width)
     model = SimCLR(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
     model = common.wrap_ddp(model, device, args)

@@ -110,24 +110,6 @@ def method_step(name, margs, device, x, aug, amp, steps):
           f"{tflops:.1f} TFLOP/s", flush=True)
 
 
-def pil_pipeline(images, n_global, n_local):
-    """Per-image torchvision v1 pipeline on PIL images doing the same crops/jitter (the reference)."""
-    import torchvision.transforms as T
-    from PIL import Image
-
-    def chain(size, scale):
-        return T.Compose([T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
-                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-                          T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
-    glob, loc = chain(32, (0.4, 1.0)), chain(16, (0.05, 0.4))
-    pils = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
-
-    def run():
-        out = [[glob(p) for p in pils] for _ in range(n_global)] + [[loc(p) for p in pils] for _ in range(n_local)]
-        return [torch.stack(v) for v in out]
-    return run
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +140,8 @@ def main():
     g = torch.Generator(device=device).manual_seed(0)
     xb = images[:512].to(device)
     t_batched = timed(lambda: aug(xb, g), device, 5, warmup=2)
-    t_pil = timed(pil_pipeline(images[:512], 2, 6), torch.device("cpu"), 1, warmup=0)
+    pil = common.MultiCrop(32, mean, std, 2, 6, backend="pil")
+    t_pil = timed(lambda: pil(images[:512], None), torch.device("cpu"), 1, warmup=0)
     print(f"multi-crop 2x32px + 6x16px on 512 images: batched ({device.type}) {512 / t_batched:9.0f} img/s, "
           f"PIL per-image (1 CPU process) {512 / t_pil:7.0f} img/s, ratio {t_pil / t_batched:6.1f}x")
 

@@ -39,6 +39,17 @@ def test_crop_area_follows_scale_range():
     area = (width * 32 / 31) * (height * 32 / 31) / H**2
     assert area.min() > 0.2 - 0.03 and area.max() < 0.5 + 0.03
     assert area.mean() == pytest.approx(0.35, abs=0.03)  # area ~ U(0.2, 0.5)
+    # the same generator seed draws the same boxes for both images: w / h is the box's aspect ratio,
+    # log-uniform in [3/4, 4/3] (up to the integer rounding of w and h): inside the range, mean log ~ 0
+    ratio = (width / height).log()
+    assert ratio.abs().max() < math.log(4 / 3) + 0.15 and ratio.mean().abs() < 0.03
+    assert ratio.min() < math.log(0.8) and ratio.max() > math.log(1.25)  # and it does use the range
+
+
+def test_pil_reference_pipeline_shapes():
+    x = common.synthetic(4, 0).images
+    aug = common.MultiCrop(32, torch.full((3,), 0.5), torch.full((3,), 0.25), 2, 2, backend="pil")
+    assert [tuple(v.shape) for v in aug(x, None)] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
 
 
 def test_multicrop_views_shapes_determinism_independence():

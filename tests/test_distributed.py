@@ -1,54 +1,95 @@
-"""Two gloo processes on a batch split in half give the single-process loss and gradients."""
+"""Two gloo processes, each holding half of a fixed batch, reproduce the single-process losses, their
+gradients, DINO's centre, and one DDP optimiser step."""
 import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 
+import common
+import dino
+import entrec
 import hydes
+import mmae
 import simclr
 
-
-def losses(z1, z2, zv):  # the losses that need the whole batch, on local slices
-    return {"simclr": lambda a, b, c: simclr.nt_xent(a, b, 0.2),
-            "hydes": lambda a, b, c: hydes.hydes_loss(c, 2.0)[0]}
+WORLD = 2
 
 
-def worker(rank, world, path, z1, z2, zv, out):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    n = z1.shape[0] // world
+def batch_losses(z1, z2, zv):
+    """The losses that need the whole batch, evaluated on (local or full) inputs."""
+    return {"simclr": simclr.nt_xent(z1, z2, 0.2), "hydes": hydes.hydes_loss(zv, 2.0)[0],
+            "entrec": entrec.sphere_entropy(z1, 10.0), "tcr": mmae.tcr(common.gather_with_grad(z1), 3.0)}  # mmae.train gathers before tcr
+
+
+def tiny_simclr():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def worker(rank, path, data, out):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    z1, z2, zv, t_out = data
+    n = z1.shape[0] // WORLD
     sl = slice(rank * n, (rank + 1) * n)
-    a, b = z1[sl].clone().requires_grad_(True), z2[sl].clone().requires_grad_(True)
-    c = zv[:, sl].clone().requires_grad_(True)
+    a, b, c = (t.clone().requires_grad_(True) for t in (z1[sl], z2[sl], zv[:, sl]))
     res = {}
-    for name, fn in losses(a, b, c).items():
+    for name in ("simclr", "hydes", "entrec", "tcr"):
         for t in (a, b, c):
             t.grad = None
-        loss = fn(a, b, c)
-        (loss * world).backward()  # as in the training loops: DDP would average the ranks' gradients
-        res[name] = (loss.item(), (a.grad if name == "simclr" else c.grad).clone())
+        loss = batch_losses(a, b, c)[name]
+        (loss * WORLD).backward()  # as the training loops do: DDP then averages the ranks' gradients
+        res[name] = (loss.item(), (c.grad if name == "hydes" else a.grad).clone())
+    crit = dino.DINOLoss(5, epochs=1)
+    res["dino_center"] = (crit([torch.zeros(n, 5)] * 3, [t[sl] for t in t_out], 0) * 0 + crit.center).clone()
+    # one DDP step of a small projector-like net (eval mode: BatchNorm uses its running statistics,
+    # which are the same on every rank; CPU has no SyncBatchNorm)
+    net = nn.parallel.DistributedDataParallel(tiny_simclr().eval())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    xs = x.view(2, 8, 6)[:, rank * 4:(rank + 1) * 4]  # (2 views, local images, 6)
+    (simclr.nt_xent(net(xs[0]), net(xs[1])) * WORLD).backward()
+    opt.step()
+    res["step"] = [p.detach().clone() for p in net.module.parameters()]
     torch.save(res, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_two_process_loss_and_gradient_equal_single_process(tmp_path):
+def test_two_processes_equal_one(tmp_path):
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 16, generator=g, dtype=torch.float64), torch.randn(8, 16, generator=g, dtype=torch.float64)
     zv = torch.randn(4, 8, 16, generator=g, dtype=torch.float64)  # (V, N, D)
+    t_out = [torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)]
     out = str(tmp_path / "res")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(2, str(tmp_path / "rdv"), z1, z2, zv, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(str(tmp_path / "rdv"), (z1, z2, zv, t_out), out), nprocs=WORLD, join=True)
+
     a, c = z1.clone().requires_grad_(True), zv.clone().requires_grad_(True)
-    full = {"simclr": simclr.nt_xent(a, z2, 0.2), "hydes": hydes.hydes_loss(c, 2.0)[0]}
-    full["simclr"].backward()
-    full["hydes"].backward()
-    grads = {"simclr": a.grad, "hydes": c.grad}
-    for rank in range(2):
+    full, grads = {}, {}
+    for name in ("simclr", "hydes", "entrec", "tcr"):
+        a.grad = c.grad = None
+        loss = batch_losses(a, z2, c)[name]
+        loss.backward()
+        full[name], grads[name] = loss.item(), (c.grad if name == "hydes" else a.grad).clone()
+    # centre after one update from 0: 0.1 x the mean of all 16 teacher rows of the whole batch
+    center = 0.1 * torch.cat(t_out).mean(0, keepdim=True)
+    net = tiny_simclr().eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)).view(2, 8, 6)
+    simclr.nt_xent(net(x[0]), net(x[1])).backward()
+    opt.step()
+
+    for rank in range(WORLD):
         res = torch.load(f"{out}.{rank}", weights_only=True)
-        for name in ("simclr", "hydes"):
+        sl = slice(rank * 4, (rank + 1) * 4)
+        for name in ("simclr", "hydes", "entrec", "tcr"):
             loss, grad = res[name]
-            assert abs(loss - full[name].item()) < 1e-10, name
-            ref = grads[name][rank * 4:(rank + 1) * 4] if name == "simclr" else grads[name][:, rank * 4:(rank + 1) * 4]
-            # each rank back-propagates world * loss; DDP then averages the parameter gradients over the
-            # world ranks, so the rank's z-gradient / world must equal the single-process one
-            assert torch.allclose(grad / 2, ref, atol=1e-10), name
+            assert abs(loss - full[name]) < 1e-10, name  # every rank computes the whole-batch loss
+            ref = grads[name][:, sl] if name == "hydes" else grads[name][sl]
+            # each rank back-propagates WORLD x loss and DDP averages over WORLD ranks: rank grad / WORLD
+            # equals the single-process gradient of its own rows
+            assert torch.allclose(grad / WORLD, ref, atol=1e-10), name
+        assert torch.allclose(res["dino_center"], center, atol=1e-6)
+        for p, q in zip(res["step"], net.parameters()):
+            assert torch.allclose(p, q, atol=1e-6)  # the DDP step lands on the single-process weights
