@@ -17,6 +17,7 @@ Result:  synthetic, ResNet-18, 100 epochs, defaults: kNN 98.4%, linear 100% (H10
          run (paper, ResNet-18, 200 epochs: linear 72.54, kNN 68.11).
 """
 import argparse
+import functools
 import math
 
 import torch
@@ -51,6 +52,7 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)  # called every step with the same (D, kappa)
 def log_vmf_normalizer(dim, kappa):
     """log C_D(kappa) of the vMF density on S^{D-1}, in float64, without forming I_v or C_D.
 
