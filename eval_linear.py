@@ -118,15 +118,13 @@ def main(args):
         res[f"knn{k}_top1"], res[f"knn{k}_top5"] = common.knn_classify(tr_f, tr_y, te_f, te_y, k, T)
     res["linear_top1"], res["linear_top5"] = linear_probe(tr_f, tr_y, te_f, te_y, args.probe_epochs, args.probe_lr,
                                                           args.probe_wd, seed=args.seed)
-    if args.geometry:
+    if args.geometry:  # on up to 2000 held-out images; positive pairs = two augmented crops of each
         g = torch.Generator(device=device).manual_seed(args.seed)
-        aug = common.MultiCrop(size, *stats, n_global=2)
-        sub = val.images[:2000].to(device)
+        v1, v2 = common.MultiCrop(size, *stats, n_global=2)(val.images[:2000].to(device), g)
         backbone.eval()
         with torch.no_grad():
-            v1, v2 = aug(sub, g)
-            res.update(geometry(te_f[:2000], None) | {k: v for k, v in geometry(backbone(v1).float(), backbone(v2).float()).items()
-                                                     if k.startswith("angle_pos")})
+            pos = geometry(backbone(v1).float(), backbone(v2).float())
+        res.update(geometry(te_f[:2000]), angle_pos_mean=pos["angle_pos_mean"], angle_pos_std=pos["angle_pos_std"])
     out = os.path.splitext(args.checkpoint)[0] + ".eval.json"
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -122,3 +122,16 @@ def test_build_backbone_feature_dims():
     vit, d = common.build_backbone("vit_tiny", 32)
     assert d == 192 and vit(x).shape == (2, 192)
     assert math.isclose(sum(p.numel() for p in vit.parameters()) / 1e6, 5.4, rel_tol=0.05)  # ViT-Ti ~5.4M
+
+
+def test_geometry_closed_forms():
+    # N = 8 orthonormal features (rows of I): centred, they have 7 equal singular values and one 0, so the
+    # effective rank is 7; all cosines 0 -> anisotropy 0, angle 90 deg (std 0); centre = mean of e_i, norm
+    # 1/sqrt(8); a second view equal to the first -> positive angle 0.
+    from eval_linear import geometry
+    f = torch.eye(8) * 3.0
+    g = geometry(f, f.clone())
+    assert g["effective_rank"] == pytest.approx(7.0, rel=1e-6)
+    assert g["anisotropy"] == pytest.approx(0.0, abs=1e-9) and g["center_norm"] == pytest.approx(8**-0.5)
+    assert g["angle_all_mean"] == pytest.approx(90.0) and g["angle_all_std"] == pytest.approx(0.0, abs=1e-6)
+    assert g["angle_pos_mean"] == pytest.approx(0.0, abs=1e-3)
