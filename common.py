@@ -6,6 +6,7 @@ on that device, so a GPU run is never waiting for per-image CPU work.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "tinyimagenet", "synthetic")
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 
 
@@ -32,13 +33,25 @@ def die(msg):
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already states its default or the default is resolved later (None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common_args(p):
     a = p.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pretraining data; 'synthetic' needs no download")
-    a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*)")
+    a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*; "
+      "tinyimagenet: DATA_DIR/tiny-imagenet-200/)")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download torchvision datasets if missing")
-    a("--image-size", type=int, default=None, help="folder datasets only: decode to this size (default 64)")
-    a("--num-train", type=int, default=None, help="use only the first N training images (quick runs)")
+    a("--image-size", type=int, default=None,
+      help="folder/tinyimagenet: decode to this size (default: tinyimagenet 64; folder the images' own size up to 64)")
+    a("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip files that cannot be decoded")
+    a("--num-train", type=int, default=None, help="train on a fixed random subset of N images (quick runs)")
     a("--arch", default="resnet18", choices=ARCHS, help="backbone; CIFAR stem for ResNets on <=64 px")
     a("--width", type=int, default=64, help="ResNet base width (64 = standard); 16 makes a CPU-sized net")
     a("--epochs", type=int, default=200, help="training epochs")
@@ -59,11 +72,15 @@ def add_common_args(p):
     return p
 
 
-def add_crop_args(p, global_crops=2, local_crops=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+def add_crop_args(p, global_crops=2, local_crops=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), notes=None):
+    """Crop-count and crop-scale flags; `notes` replaces a flag's "(default ...)" text (a default resolved later)."""
+    notes = notes or {}
     a = p.add_argument
     a("--global-crops", type=int, default=global_crops, help=f"large crops per image (default {global_crops})")
-    a("--local-crops", type=int, default=local_crops, help=f"small crops per image (default {local_crops})")
-    a("--global-scale", type=float, nargs=2, default=global_scale, help=f"area range of large crops {global_scale}")
+    a("--local-crops", type=int, default=local_crops,
+      help=f"small crops per image ({notes.get('local_crops', f'default {local_crops}')})")
+    a("--global-scale", type=float, nargs=2, default=global_scale,
+      help=f"area range of large crops ({notes.get('global_scale', f'default {global_scale}')})")
     a("--local-scale", type=float, nargs=2, default=local_scale, help=f"area range of small crops {local_scale}")
 
 
@@ -74,13 +91,15 @@ def check_args(args):
     if args.lr <= 0:
         die(f"--lr must be > 0, got {args.lr}")
     if hasattr(args, "global_crops"):
-        if args.global_crops < 1 or args.local_crops < 0:
+        if args.global_crops < 1 or (args.local_crops or 0) < 0:  # None: resolved from the image size later
             die(f"need --global-crops >= 1 and --local-crops >= 0, got {args.global_crops} and {args.local_crops}")
-        for lo, hi in (args.global_scale, args.local_scale):
+        for lo, hi in (r for r in (args.global_scale, args.local_scale) if r is not None):
             if not 0 < lo <= hi <= 1:
                 die(f"crop scale ranges need 0 < lo <= hi <= 1, got {lo} {hi}")
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    if args.resume:  # read it now: a missing or corrupt file stops the run before minutes of data loading
+        load_checkpoint(resume_path(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +119,7 @@ class ImageTensors(torch.utils.data.Dataset):
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half-disk", "two-dots", "frame")
 
 
+@functools.lru_cache(maxsize=4)  # made once per process (read-only afterwards)
 def synthetic(n, seed, size=32):
     """Ten shape kinds with a colour from a palette of four, random position, scale and
     slight rotation, on one of three dark backgrounds with a random shading gradient and pixel noise.
@@ -157,27 +177,128 @@ def _torchvision_split(name, root, split, download):
     return ImageTensors(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets))
 
 
-def _folder_split(root, split, size):
-    path = os.path.join(root, "val" if split == "val" else "train")
+def _images_in(folder):
+    """Image files under `folder` (recursively, sorted); other files are ignored, as ImageFolder does."""
+    ext = torchvision.datasets.folder.IMG_EXTENSIONS
+    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
+            for f in sorted(files) if f.lower().endswith(ext)]
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """File i -> (uint8 (3, S, S) RGB, shorter side S resized then centre-cropped; ok flag). A file PIL cannot
+    read gives zeros and ok = False, so one bad file never ends a run from inside a DataLoader worker."""
+
+    def __init__(self, files, size):
+        tf = torchvision.transforms
+        self.files, self.size = files, size
+        self.tf = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.tf(im.convert("RGB")), True  # grayscale, palette, RGBA, CMYK -> RGB
+        except Exception:  # UnidentifiedImageError, truncated file (OSError), missing file, ...
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+
+
+def _decode(files, labels, size, skip_bad, where):
+    """Decode image files once (parallel workers) into ImageTensors; undecodable files are an error or skipped."""
+    if not files:
+        die(f"no image files found under {where}")
+    loader = torch.utils.data.DataLoader(_Decoded(files, size), batch_size=256, num_workers=min(8, os.cpu_count() or 1))
+    xs, oks = zip(*tqdm(loader, desc=f"decoding {where}", leave=False))
+    x, ok, y = torch.cat(xs), torch.cat(oks), torch.as_tensor(labels)
+    if not ok.all():
+        bad = [files[i] for i in (~ok).nonzero().flatten().tolist()]
+        if not skip_bad:
+            die(f"{len(bad)} of {len(files)} files under {where} cannot be read as images (first: {bad[0]}); "
+                f"remove them, or pass --skip-bad-images to train without them")
+        print(f"warning: skipped {len(bad)} of {len(files)} files under {where} that cannot be read as images "
+              f"(first: {bad[0]})", file=sys.stderr)
+    return ImageTensors(x[ok], y[ok])
+
+
+def _first_image_side(files):
+    from PIL import Image
+    for f in files[:20]:
+        try:
+            with Image.open(f) as im:
+                return min(im.size)
+        except Exception:
+            continue
+    return 64
+
+
+def _folder_split(root, split, size, skip_bad):
+    """ImageFolder layout. Classes are the sub-folders of train/, numbered in sorted order; val/ sub-folders are
+    matched to them by name (val may hold fewer classes), so labels mean the same thing in both splits."""
+    train = os.path.join(root, "train")
+    path = os.path.join(root, "val") if split == "val" else train
     if not os.path.isdir(path):
         die(f"--dataset folder expects images under {path}/<class>/*.jpg (set --data-dir)")
-    tf = torchvision.transforms
-    ds = torchvision.datasets.ImageFolder(path, tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()]))
-    if len(ds) == 0:
-        die(f"no images found under {path}")
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1))
-    xs, ys = zip(*tqdm(loader, desc=f"decoding {path}", leave=False))
-    return ImageTensors(torch.cat(xs), torch.cat(ys))
+    classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if os.path.isdir(train) else []
+    if not classes:
+        die(f"--dataset folder: no class sub-folders in {train}")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for c in sorted(e.name for e in os.scandir(path) if e.is_dir()):
+        if c not in index:
+            die(f"class folder '{c}' of {path} is not a class of {train}: val classes are matched to train classes "
+                f"by folder name")
+        found = _images_in(os.path.join(path, c))
+        files, labels = files + found, labels + [index[c]] * len(found)
+    return _decode(files, labels, size or min(64, _first_image_side(files)), skip_bad, path)
 
 
-def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0):
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _tinyimagenet_split(data_dir, split, size, skip_bad, download):
+    """The official tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images/*.JPEG labelled by
+    val/val_annotations.txt, wnids.txt; labels are the sorted wnids. data_dir holds tiny-imagenet-200/ or is it."""
+    root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
+    if not os.path.isfile(os.path.join(root, "wnids.txt")) and download:
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(TINY_IMAGENET_URL, data_dir)
+        except Exception as e:
+            print(f"download of {TINY_IMAGENET_URL} failed ({type(e).__name__})", file=sys.stderr)
+    if not os.path.isfile(os.path.join(root, "wnids.txt")):
+        die(f"Tiny-ImageNet is not in {data_dir}: extract tiny-imagenet-200.zip ({TINY_IMAGENET_URL}) there, so that "
+            f"{os.path.join(data_dir, 'tiny-imagenet-200', 'wnids.txt')} exists, or point --data-dir at that folder")
+    wnids = sorted(open(os.path.join(root, "wnids.txt")).read().split())
+    index = {w: i for i, w in enumerate(wnids)}
+    files, labels = [], []
+    if split == "val":
+        ann = os.path.join(root, "val", "val_annotations.txt")
+        if not os.path.isfile(ann):
+            die(f"Tiny-ImageNet: {ann} is missing (labels of the val images)")
+        for line in open(ann):
+            name, wnid = line.split("\t")[:2] if "\t" in line else (line.split() + ["", ""])[:2]
+            if wnid not in index:
+                die(f"Tiny-ImageNet: {ann} labels {name} with '{wnid}', which is not in wnids.txt")
+            files.append(os.path.join(root, "val", "images", name))
+            labels.append(index[wnid])
+    else:
+        for w in wnids:
+            found = _images_in(os.path.join(root, "train", w))
+            files, labels = files + found, labels + [index[w]] * len(found)
+    return _decode(files, labels, size or 64, skip_bad, os.path.join(root, "val" if split == "val" else "train"))
+
+
+def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False):
     """split: 'train' (pretraining images), 'memory' (labelled train images for kNN/linear), 'val'."""
     if name not in DATASETS:
         die(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
         return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
     if name == "folder":
-        return _folder_split(data_dir, split, image_size or 64)
+        return _folder_split(data_dir, split, image_size, skip_bad)
+    if name == "tinyimagenet":
+        return _tinyimagenet_split(data_dir, split, image_size, skip_bad, download)
     try:
         return _torchvision_split(name, data_dir, split, download)
     except Exception as e:  # torchvision raises RuntimeError (missing) or URLError/OSError (offline)
@@ -187,16 +308,25 @@ def get_dataset(name, data_dir="./data", split="train", download=True, image_siz
             f"or try the pipeline offline with --dataset synthetic")
 
 
+def subset(data, n, seed=0):
+    """A fixed random subset of n items, kept in their original order (folders are sorted by class: a prefix
+    would hold only the first classes). The same n gives the same subset for every method and --seed."""
+    if not n or n >= len(data):
+        return data
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return ImageTensors(data.images[keep], data.labels[keep])
+
+
 def load_data(args, device):
     """Pretraining images on `device` plus the labelled kNN memory/query splits (kept on CPU)."""
-    kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed)
-    train = get_dataset(args.dataset, split="train", **kw)
-    if args.num_train:
-        train = ImageTensors(train.images[: args.num_train], train.labels[: args.num_train])
-    memory = train if args.dataset in ("synthetic", "folder") else get_dataset(args.dataset, split="memory", **kw)
+    kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
+              skip_bad=args.skip_bad_images)
+    train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
+    args.image_size = kw["image_size"] = train.images.shape[-1]  # saved with the run: eval decodes at this size
+    memory = train if args.dataset in ("synthetic", "folder", "tinyimagenet") else get_dataset(args.dataset, split="memory", **kw)
     val = get_dataset(args.dataset, split="val", **kw)
-    # per-channel statistics of the pretraining images, used to normalise every view
-    x = train.images[:10000].float() / 255
+    # per-channel statistics of (up to 10k evenly spaced) pretraining images, used to normalise every view
+    x = train.images[:: max(1, len(train) // 10000)].float() / 255
     mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
     return train.images.to(device), memory, val, (mean, std)
 
@@ -498,8 +628,10 @@ def cosine(step, total, base, final=0.0, warmup=0):
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def adamw(model, lr, wd, device, betas=(0.9, 0.999)):
-    """AdamW with decay on weights only; the fused (single-kernel) implementation on CUDA."""
+def optimizer(name, model, lr, wd, device, betas=(0.9, 0.999)):
+    """'sgd' (momentum 0.9) or 'adamw' (fused single-kernel on CUDA), weight decay on weights only."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups(model, wd), lr=lr, momentum=0.9)
     return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, fused=device.type == "cuda")
 
 
@@ -510,10 +642,30 @@ def param_groups(model, wd):
     return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
 
 
-def check_finite(loss, epoch, step):
-    if not torch.isfinite(loss):
-        die(f"loss is {loss.item()} at epoch {epoch} step {step}; stopping. Try a lower --lr, "
-            f"a longer --warmup-epochs, or --no-amp. The last good checkpoint is kept.")
+def check_finite(total, epoch, step, every=50):
+    """Stop with a clear message once the running loss sum is not finite. It syncs with the host only every
+    `every` steps (a NaN cannot come back, so the sum keeps it); end_epoch checks once more before saving."""
+    if (step + 1) % every == 0 and not torch.isfinite(total):
+        die(f"the loss became {total.item()} at epoch {epoch + 1} (within steps {step + 2 - every}-{step + 1}); stopping. "
+            f"Try a lower --lr, a longer --warmup-epochs, or --no-amp. The last good checkpoint is kept.")
+
+
+def fp32(loss_fn):
+    """Decorator: a loss runs in fp32 even when called under autocast (a bf16 Gram matrix, softmax or log-det
+    loses the precision the loss needs). Half-precision tensor arguments (also inside lists) become fp32 and
+    autocast is off inside; fp32 and fp64 arguments pass unchanged."""
+    def cast(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(cast(b) for b in a)
+        return a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            return loss_fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
+    return wrapped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +695,7 @@ def resume(args, model, opt):
     """Load model + optimiser state; return the epoch to start from (0 for a fresh run)."""
     if not args.resume:
         return 0
-    path = os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
+    path = resume_path(args)
     ck = load_checkpoint(path)
     if ck["args"].get("method") != args.method or ck["args"].get("arch") != args.arch:
         die(f"{path} was written by {ck['args'].get('method')}/{ck['args'].get('arch')}, not {args.method}/{args.arch}")
@@ -551,6 +703,10 @@ def resume(args, model, opt):
     opt.load_state_dict(ck["optimizer"])
     print(f"resumed from {path} at epoch {ck['epoch']}", file=sys.stderr)
     return ck["epoch"]
+
+
+def resume_path(args):
+    return os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
 
 
 def log_json(args, record):
@@ -602,10 +758,14 @@ def knn_monitor(backbone, memory, val, stats, device):
 
 def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record, extra=None):
     """Rank 0: kNN monitor (every --eval-every epochs and at the end), JSON log line, checkpoint.
-    evaldata = (memory, val, (mean, std)); `model` is saved unwrapped from DDP."""
+    evaldata = (memory, val, (mean, std)); `model` is saved unwrapped from DDP. A non-finite epoch loss stops
+    the run before anything is written, so last.pt stays the last good epoch."""
+    done = epoch + 1
+    if not math.isfinite(record["loss"]):
+        die(f"the loss became {record['loss']} during epoch {done}; stopping. Try a lower --lr, a longer "
+            f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
     if world_rank()[1] != 0:
         return
-    done = epoch + 1
     if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
         record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
     record = {"epoch": done, **record}

@@ -1,23 +1,37 @@
 """EntRec: the entropy-reconstruction (ER) bound as a training objective, from "The Role of Entropy and
-Reconstruction in Multi-View Self-Supervised Learning" (Rodríguez-Gálvez, Blaas, Rodríguez, Bhowmik,
-Kolesnikov, Theobald, Zappella; ICML 2023, arXiv 2307.10907).
+Reconstruction in Multi-View Self-Supervised Learning" (Rodríguez-Gálvez, Blaas, Rodríguez, Goliński, Suau,
+Ramapuram, Busbridge, Zappella; ICML 2023, arXiv 2307.10907).
 
 For two views with embeddings Z1, Z2 the mutual information is bounded below by
 
     I(Z1; Z2) >= H(Z2) + E[log q(Z2 | Z1)]                                               (ER bound)
 
 (an entropy term that spreads the embeddings, a reconstruction term that predicts one view from the
-other); the loss is -(H + E log q), symmetrised over the two views. On the sphere S^{D-1} both use a
+other); the loss is -(H + E log q), symmetrised over the views. On the sphere S^{D-1} both use a
 von Mises-Fisher kernel of concentration kappa:
   * H: resubstitution kernel density estimate, H = mean_i[-logsumexp_j(kappa zi.zj) + log N] - log C_D;
   * log q(z2 | z1) = log C_D(kappa) + kappa mu(z1).z2, mu(z1) = the (predicted, normalised) other view.
-On a discrete support (softmax heads), H = entropy of the batch-mean distribution and the
-reconstruction is a cross-entropy. `--variant` keeps the architecture of SimCLR, BYOL (default) or
-DINO and replaces its objective by ER.
+On a discrete support (softmax heads), H = entropy of the batch-mean distribution and the reconstruction is
+the symmetric cross-entropy. `--variant` keeps the architecture of SimCLR, BYOL (default: predictor + EMA
+target) or DINO (DINO's head with L2-normalised bottleneck and weight-normalised prototypes, EMA teacher,
+teacher-temperature warm-up, optional local crops) and replaces its objective by ER; for DINO the entropy
+term replaces centring.
+
+Against the official code (apple/ml-entropy-reconstruction, which ships the two loss functions):
+  * log C_D(kappa) is exact here; the official log(I_v(kappa) + 1e-7) is 83.1 nats off at D = 128, kappa = 10
+    (I_v < 1e-7 there; a constant, so gradients are unchanged, but the reported entropies are not);
+  * the default estimator is "average" (mean of -log p_i); the official function defaults to "expectation"
+    (-log p_i weighted by softmax_i(log p_i): --entropy-estimator expectation);
+  * the discrete reconstruction uses the official eps = 1e-7 inside the logs (it caps log(~0) at ~16 nats); the
+    discrete entropy is the exact -sum pbar log pbar (official "expectation"); the official discrete "average",
+    -mean_k log(pbar_k + eps), is refused: it is smallest at a uniform pbar, so maximising it favours collapse;
+  * optimiser: AdamW with a cosine schedule, where the paper's runs use LARS.
 
 Run:     python entrec.py --dataset cifar10 --variant byol
 Offline: python entrec.py --dataset synthetic --width 16 --epochs 20 --device cpu
-Result:  synthetic, ResNet-18, byol variant, 25 epochs: kNN 51.5% (H100, bf16). CIFAR-10 not yet run.
+Result:  tin100-32 (100 classes, 32 px), 5,000 training images, 10 epochs, batch 128, ResNet-18 width 16, 2-core CPU,
+         byol variant: kNN k=20 6.84% / k=200 8.10%, linear 6.52% (SimCLR 8.68 / 9.72 / 12.34, random init
+         4.28 / 4.42 / 5.14; README table). Synthetic, ResNet-18, 25 epochs: kNN 51.5% (H100, bf16).
 """
 import argparse
 import copy
@@ -31,28 +45,58 @@ import torch.nn.functional as F
 
 import common
 
+EPS = 1e-7  # inside the logs of the discrete terms, as in the official code
+
+# flags that only some variants use: default None, so that one given for another variant is an error
+ONLY_FOR = {"ema": ("byol", "dino"), "kappa": ("simclr", "byol"), "out_dim": ("dino",), "student_temp": ("dino",),
+            "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",), "warmup_teacher_temp_epochs": ("dino",),
+            "local_crops": ("dino",)}
+
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     common.add_common_args(p)
     a = p.add_argument
     a("--variant", default="byol", choices=("simclr", "byol", "dino"), help="architecture whose objective ER replaces")
-    a("--kappa", type=float, default=10.0, help="vMF concentration of the entropy and reconstruction terms (10)")
-    a("--entropy-estimator", default="average", choices=("average", "expectation"),
-      help="KDE entropy: uniform average of -log p_i, or weights softmax_i(log p_i) (plug-in)")
-    a("--ema", type=float, default=0.99, help="target EMA start, cosine to 1 (BYOL 0.99; 0: stop-gradient online net)")
-    a("--proj-hidden", type=int, default=4096, help="projector / predictor hidden width (BYOL: 4096)")
-    a("--proj-dim", type=int, default=256, help="projection dimension (BYOL: 256)")
-    a("--out-dim", type=int, default=4096, help="dino variant: softmax outputs K")
-    a("--student-temp", type=float, default=0.1, help="dino variant: student temperature (0.1)")
-    a("--teacher-temp", type=float, default=0.04, help="dino variant: teacher temperature (0.04)")
+    a("--kappa", type=float, default=None, help="simclr/byol: vMF concentration of entropy and reconstruction (10)")
+    a("--entropy-estimator", default=None, choices=("average", "expectation"),
+      help="sphere (simclr/byol; default average): mean of -log p_i, or weighted by softmax_i(log p_i) (plug-in); "
+           "discrete (dino): only expectation, -sum_k pbar_k log pbar_k")
+    a("--ema", type=float, default=None, help="byol/dino: target EMA start, cosine to 1 (BYOL 0.99; 0: the online "
+      "net with stop-gradient). The target averages over ~1/(1-m) steps")
+    a("--proj-hidden", type=int, default=None, help="projector / predictor hidden width (BYOL: 4096; DINO head: 2048)")
+    a("--proj-dim", type=int, default=256, help="projection dimension (BYOL: 256); dino: the head's bottleneck (256)")
+    a("--out-dim", type=int, default=None, help="dino: prototypes K of the softmax head (4096)")
+    a("--student-temp", type=float, default=None, help="dino: student temperature (0.1)")
+    a("--teacher-temp", type=float, default=None, help="dino: teacher temperature after warm-up (0.04)")
+    a("--warmup-teacher-temp", type=float, default=None, help="dino: initial teacher temperature (0.04)")
+    a("--warmup-teacher-temp-epochs", type=int, default=None, help="dino: linear teacher-temperature warm-up (30)")
+    a("--local-crops", type=int, default=None, help="dino: small crops of half size per image, seen by the student (0)")
     a("--min-scale", type=float, default=0.08, help="smallest crop area fraction (0.08)")
     p.set_defaults(method="entrec", lr=1e-3, wd=1e-6, batch_size=256, epochs=200)
     args = p.parse_args(argv)
+    for name, variants in ONLY_FOR.items():
+        if getattr(args, name) is not None and args.variant not in variants:
+            common.die(f"--{name.replace('_', '-')} does nothing for --variant {args.variant} (only for {', '.join(variants)})")
+    defaults = dict(kappa=10.0, ema=0.99, out_dim=4096, student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
+                    warmup_teacher_temp_epochs=30, local_crops=0, proj_hidden=2048 if args.variant == "dino" else 4096)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.variant == "dino" and args.entropy_estimator == "average":
+        # the official code's discrete "average", -mean_k log(pbar_k + eps), is smallest (log K) at a uniform pbar and
+        # grows as pbar collapses onto few outputs: maximising it would undo what the entropy term is for
+        common.die("--entropy-estimator average is not an entropy on the discrete support (maximising -mean_k log "
+                   "pbar_k favours collapse); --variant dino uses expectation")
+    args.entropy_estimator = args.entropy_estimator or ("expectation" if args.variant == "dino" else "average")
     if not args.kappa > 0:
         common.die(f"--kappa must be > 0, got {args.kappa}")
     if not 0 <= args.ema < 1:
         common.die(f"--ema must be in [0, 1), got {args.ema}")
+    if args.local_crops < 0:
+        common.die(f"--local-crops must be >= 0, got {args.local_crops}")
+    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
+        common.die("temperatures must be > 0")
     common.check_args(args)
     return args
 
@@ -62,32 +106,34 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)  # called every step with the same (D, kappa)
 def log_vmf_normalizer(dim, kappa):
-    """log C_D(kappa) of the vMF density on S^{D-1}, float64, without forming I_v or C_D:
-    log C_D(k) = (D/2 - 1) log 2 - (D/2) log(2 pi) + lgamma(D/2) - log 0F1(; D/2; k^2/4),
-    from I_v(k) = (k/2)^v / Gamma(v+1) 0F1(; v+1; k^2/4), the series summed in log space.
-    (Adding a small epsilon inside log I_v, as some code does, breaks once I_v < epsilon, i.e. D >~ 100.)"""
+    """log C_D(kappa) of the vMF density on S^{D-1}, in float64, without forming I_v or C_D.
+
+    C_D(k) = k^{v} / ((2 pi)^{D/2} I_v(k)) with v = D/2 - 1, and I_v(k) = (k/2)^v / Gamma(v+1) 0F1(; v+1; k^2/4),
+    so  log C_D(k) = v log 2 - (D/2) log(2 pi) + lgamma(D/2) - log 0F1(; D/2; k^2/4).
+    The series 0F1(; b; x) = sum_m t_m, t_m = x^m Gamma(b) / (Gamma(b+m) m!), has positive terms that rise to
+    a bell around m* = (sqrt(b^2 + 4x) - b) / 2 (where the ratio t_{m+1}/t_m crosses 1) of width
+    s = (1/m* + 1/(b+m*))^{-1/2}; outside m* +- (12 s + 50) they are below e^-70 of the peak. The window's
+    log-terms come from lgamma and are summed by logsumexp: O(sqrt(kappa)) work, exact to ~1e-15 for any kappa.
+    At kappa -> 0 it gives -log|S^{D-1}|, the uniform density."""
     if kappa < 0 or dim < 2:
         raise ValueError(f"need kappa >= 0 and dim >= 2, got kappa={kappa}, dim={dim}")
     b, x = dim / 2, kappa**2 / 4
     log_f = 0.0
     if x > 0:
-        logs, term, m = [0.0], 0.0, 0
-        while True:  # log t_m = log t_{m-1} + log x - log(b + m - 1) - log m
-            m += 1
-            term += math.log(x) - math.log(b + m - 1) - math.log(m)
-            logs.append(term)
-            if term < max(logs) - 40 and m > x:
-                break
-        top = max(logs)
-        log_f = top + math.log(sum(math.exp(t - top) for t in logs))
+        peak = (math.sqrt(b * b + 4 * x) - b) / 2
+        width = 1 / math.sqrt(1 / max(peak, 1.0) + 1 / (b + peak))
+        m = torch.arange(max(0, int(peak - 12 * width) - 50), int(peak + 12 * width) + 51, dtype=torch.float64)
+        log_t = m * math.log(x) + math.lgamma(b) - torch.lgamma(b + m) - torch.lgamma(m + 1)  # log t_m
+        log_f = torch.logsumexp(log_t, 0).item()
     return (b - 1) * math.log(2) - b * math.log(2 * math.pi) + math.lgamma(b) - log_f
 
 
+@common.fp32  # fp32 even when called under autocast
 def sphere_entropy(z, kappa=10.0, estimator="average"):
     """vMF-KDE entropy of z (N, D) (normalised here), the KDE including each point itself:
     log p_i = logsumexp_j(kappa zi.zj) - log N + log C_D;  H = mean_i(-log p_i)  ("average"), or
     sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation"). Whole batch across ranks."""
-    z = F.normalize(common.gather_with_grad(z).to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+    z = F.normalize(common.gather_with_grad(z), dim=1)
     N, D = z.shape
     log_p = torch.logsumexp(kappa * z @ z.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (N,)
     if estimator == "average":
@@ -95,26 +141,58 @@ def sphere_entropy(z, kappa=10.0, estimator="average"):
     return -(F.softmax(log_p, dim=0) * log_p).sum()
 
 
+@common.fp32
 def sphere_reconstruction(mu, z, kappa=10.0):
     """Mean over the batch of -log q(z | mu) = -(log C_D(kappa) + kappa mu.z), mu and z (N, D) normalised here."""
-    mu = F.normalize(mu.to(torch.promote_types(mu.dtype, torch.float32)), dim=1)
-    z = F.normalize(z.to(mu.dtype), dim=1)
+    mu, z = F.normalize(mu, dim=1), F.normalize(z, dim=1)
     return -(log_vmf_normalizer(z.shape[1], kappa) + kappa * (mu * z).sum(1)).mean()
 
 
+@common.fp32
 def discrete_entropy(p):
-    """Entropy of the batch-mean distribution of p (N, K) (rows are probability vectors)."""
-    p_bar = common.gather_with_grad(p.float()).mean(0)
+    """Entropy -sum_k pbar_k log pbar_k of the batch-mean distribution pbar of p (N, K) (rows are probability
+    vectors; the official "expectation" reduction), over the whole batch across ranks."""
+    p_bar = common.gather_with_grad(p).mean(0)  # (K,)
     return -torch.special.xlogy(p_bar, p_bar).sum()
 
 
+@common.fp32
 def discrete_reconstruction(p1, p2):
-    """Symmetric cross-entropy 1/2 mean_i [H(p1_i, p2_i) + H(p2_i, p1_i)], H(a, b) = -sum_k a_k log b_k
-    (log clamped at the smallest float, so an exact zero costs ~87 nats instead of inf)."""
-    p1, p2 = p1.float(), p2.float()
-    tiny = torch.finfo(p1.dtype).tiny
-    return -0.5 * (torch.special.xlogy(p1, p2.clamp_min(tiny)).sum(1)
-                   + torch.special.xlogy(p2, p1.clamp_min(tiny)).sum(1)).mean()
+    """Symmetric cross-entropy 1/2 mean_i [H(p1_i, p2_i) + H(p2_i, p1_i)], H(a, b) = -sum_k a_k log(b_k + eps),
+    p1, p2 (N, K) probability vectors (eps = 1e-7 caps log(~0) at ~16 nats, as in the official code)."""
+    return -0.5 * ((p1 * torch.log(p2 + EPS)).sum(1) + (p2 * torch.log(p1 + EPS)).sum(1)).mean()
+
+
+@common.fp32
+def entrec_loss(z, t, pred, args, epoch=0):
+    """-(H + E log q) and its two terms, (loss, entropy, reconstruction).
+
+    simclr/byol: z, t, pred (2, N, D) online projections, target projections, predictions of the online net.
+    dino: z a list of V student logits (N, K), crops of one size together, the 2 global crops first; t the 2
+    teacher logits (N, K); pred None. Reconstruction pairs every teacher crop with every other student crop."""
+    if args.variant == "simclr":  # both branches online; mu(z1) = z1
+        rec = sphere_reconstruction(z[0], z[1], args.kappa)  # kappa z1.z2 is symmetric: one direction suffices
+    elif args.variant == "byol":  # predict the other view's target projection
+        rec = 0.5 * (sphere_reconstruction(pred[0], t[1], args.kappa) + sphere_reconstruction(pred[1], t[0], args.kappa))
+    if args.variant != "dino":
+        ent = 0.5 * (sphere_entropy(z[0], args.kappa, args.entropy_estimator)
+                     + sphere_entropy(z[1], args.kappa, args.entropy_estimator))
+        return rec - ent, ent, rec
+    tau_t = teacher_temp(args, epoch)
+    p_t = [F.softmax(x / tau_t, dim=-1) for x in t]  # no centring: the entropy term prevents collapse
+    p_s = [F.softmax(x / args.student_temp, dim=-1) for x in z]
+    pairs = [(i, j) for i in range(len(p_t)) for j in range(len(p_s)) if i != j]
+    rec = sum(discrete_reconstruction(p_t[i], p_s[j]) for i, j in pairs) / len(pairs)
+    ent = sum(discrete_entropy(p) for p in p_s[:2]) / 2  # of the student's global crops
+    return rec - ent, ent, rec
+
+
+def teacher_temp(args, epoch):
+    """DINO's teacher temperature: linear warm-up over the first epochs, then constant."""
+    w = args.warmup_teacher_temp_epochs
+    if epoch >= w:
+        return args.teacher_temp
+    return args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * epoch / max(1, w - 1)
 
 
 def mlp(in_dim, hidden, out_dim):
@@ -123,53 +201,66 @@ def mlp(in_dim, hidden, out_dim):
                          nn.Linear(hidden, out_dim))
 
 
+class DINOHead(nn.Module):
+    """DINO's head: 3-layer MLP (BN for ResNets) -> bottleneck -> L2-normalise -> weight-normalised linear to K
+    (norm fixed to 1), as in dino.py."""
+
+    def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, bn=True):
+        super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden)) if bn else nn.Identity  # noqa: E731
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), norm(), nn.GELU(), nn.Linear(hidden, hidden), norm(),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.v = nn.Parameter(torch.empty(out_dim, bottleneck))
+        nn.init.trunc_normal_(self.v, std=0.02)
+
+    def forward(self, x):  # (N, in_dim) -> (N, K) logits
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.v, dim=1))
+
+
+class Online(nn.Module):
+    """Backbone + head; crops of one size go through the backbone together."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views):  # list of V crops (N, 3, S, S) -> (V, N, out)
+        sizes = sorted({v.shape[-1] for v in views}, reverse=True)
+        feats = torch.cat([self.backbone(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes])
+        return self.head(feats).view(len(views), views[0].shape[0], -1)
+
+
 class EntRec(nn.Module):
-    """Online network (backbone + projector [+ predictor]) and, for byol/dino with --ema > 0, an EMA target."""
+    """Online network [+ predictor (byol)] and, for byol/dino with --ema > 0, an EMA target."""
 
     def __init__(self, backbone, feat_dim, args):
         super().__init__()
-        self.variant = args.variant
-        out = args.out_dim if args.variant == "dino" else args.proj_dim
-        self.online = nn.Sequential(backbone, mlp(feat_dim, args.proj_hidden, out))
-        self.predictor = mlp(out, args.proj_hidden, out) if args.variant == "byol" else None
+        if args.variant == "dino":
+            head = DINOHead(feat_dim, args.out_dim, args.proj_hidden, args.proj_dim, bn=not args.arch.startswith("vit"))
+        else:
+            head = mlp(feat_dim, args.proj_hidden, args.proj_dim)
+        self.online = Online(backbone, head)
+        self.predictor = mlp(args.proj_dim, args.proj_hidden, args.proj_dim) if args.variant == "byol" else None
         use_target = args.variant != "simclr" and args.ema > 0
         self.target = copy.deepcopy(self.online).requires_grad_(False) if use_target else None
 
-    def forward(self, views):  # 2 views (N, 3, S, S) -> online outputs (2, N, .) and target outputs (2, N, .)
-        n = views[0].shape[0]
-        x = torch.cat(views)
-        z = self.online(x)
+    def forward(self, views):
+        """-> online outputs z (V, N, .), target outputs t of the 2 global crops (2, N, .), predictions (byol)."""
+        z = self.online(views)
+        pred = self.predictor(z.flatten(0, 1)).view_as(z) if self.predictor is not None else None
         with torch.no_grad():  # the target is never differentiated (--ema 0: the online net, stop-grad)
-            t = self.target(x) if self.target is not None else z.detach()
-        return z.view(2, n, -1), t.view(2, n, -1)
-
-
-def entrec_loss(model, z, t, args):
-    """-(H + E log q), symmetrised over the two views. z, t: online / target outputs (2, N, .).
-    Returns (loss, entropy, reconstruction)."""
-    if args.variant == "simclr":  # both branches online; mu(z1) = z1
-        rec = sphere_reconstruction(z[0], z[1], args.kappa)  # kappa z1.z2 is symmetric: one direction suffices
-        ent = 0.5 * (sphere_entropy(z[0], args.kappa, args.entropy_estimator)
-                     + sphere_entropy(z[1], args.kappa, args.entropy_estimator))
-    elif args.variant == "byol":  # predict the other view's target projection
-        pred = model.predictor(z.flatten(0, 1)).view_as(z)
-        rec = 0.5 * (sphere_reconstruction(pred[0], t[1], args.kappa) + sphere_reconstruction(pred[1], t[0], args.kappa))
-        ent = 0.5 * (sphere_entropy(z[0], args.kappa, args.entropy_estimator)
-                     + sphere_entropy(z[1], args.kappa, args.entropy_estimator))
-    else:  # dino: softmax heads; the entropy term replaces DINO's centring
-        log_p_s = F.log_softmax(z.float() / args.student_temp, dim=-1)
-        p_t = F.softmax(t.float() / args.teacher_temp, dim=-1)
-        # teacher -> student cross-entropy only: the sharpened teacher has near-zero entries, so the
-        # student -> teacher direction of discrete_reconstruction would be dominated by log(~0)
-        rec = -0.5 * ((p_t[1] * log_p_s[0]).sum(-1).mean() + (p_t[0] * log_p_s[1]).sum(-1).mean())
-        ent = 0.5 * (discrete_entropy(log_p_s[0].exp()) + discrete_entropy(log_p_s[1].exp()))
-    return rec - ent, ent, rec
+            t = self.target(views[:2]) if self.target is not None else z[:2].detach()
+        return z, t, pred
 
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
-    for pt, po in zip(target.parameters(), online.parameters()):
-        pt.mul_(momentum).add_(po.detach(), alpha=1 - momentum)
+    """theta_t <- momentum * theta_t + (1 - momentum) * theta_o, all parameters in one fused (foreach) call."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - momentum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,28 +269,29 @@ def ema_update(target, online, momentum):
 def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(images.shape[-1], *stats, n_global=2, global_scale=(args.min_scale, 1.0),
-                           backend=args.aug)
+    aug = common.MultiCrop(images.shape[-1], *stats, n_global=2, n_local=args.local_crops,
+                           global_scale=(args.min_scale, 1.0), backend=args.aug)
     backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width)
     model = EntRec(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
     model = common.wrap_ddp(model, device, args)
     net = getattr(model, "module", model)
     base_lr = args.lr * args.batch_size / 256  # linear scaling rule
-    opt = common.adamw(model, base_lr, args.wd, device)
+    opt = common.optimizer("adamw", model, base_lr, args.wd, device)
     start = common.resume(args, model, opt)
     world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(3)
+        g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
         for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed, f"epoch {epoch + 1}")):
             step = epoch * steps + i
             for group in opt.param_groups:
                 group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
             views = aug(x, g)
             with common.autocast(args, device):
-                z, t = model(views)
-                loss, ent, rec = entrec_loss(net, z, t, args)
-            common.check_finite(loss, epoch, i)
+                z, t, pred = model(views)
+            if args.variant == "dino":  # per-crop logits: the two global crops first, then the local ones
+                z, t = list(z), list(t)
+            loss, ent, rec = entrec_loss(z, t, pred, args, epoch)  # fp32, outside autocast
             opt.zero_grad(set_to_none=True)
             # the entropy is batch-wide (identical on every rank), the reconstruction a local mean:
             # x world on the entropy undoes DDP's gradient mean for it
@@ -207,9 +299,10 @@ def train(args):
             opt.step()
             if net.target is not None:
                 ema_update(net.target, net.online, common.cosine(step, args.epochs * steps, args.ema, 1.0))
-            sums += torch.tensor([loss.item(), ent.item(), rec.item()])
-        m = (sums / steps).tolist()
-        common.end_epoch(args, epoch, model, net.online[0], opt, (memory, val, stats), device,
+            sums += torch.stack([loss, ent, rec]).detach()  # on the device: no host sync per step
+            common.check_finite(sums[0], epoch, i)
+        m = (sums / steps).tolist()  # the one host sync of the epoch
+        common.end_epoch(args, epoch, model, net.online.backbone, opt, (memory, val, stats), device,
                          {"loss": m[0], "entropy": m[1], "reconstruction": m[2], "lr": opt.param_groups[0]["lr"]})
 
 

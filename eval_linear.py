@@ -8,8 +8,11 @@ images and of the held-out split are extracted once (no augmentation, normalised
     k=200, T=0.1 (the setting of the HyDeS paper's evaluation code); top-1 and top-5;
   * a linear classifier on the precomputed, standardised features (cross-entropy, SGD with momentum,
     cosine lr, --probe-epochs epochs); top-1 and top-5;
-  * with --geometry, the representation geometry of the held-out features: effective rank,
-    anisotropy, centre-vector norm, mean pairwise angle over all pairs and over positive pairs.
+  * with --geometry, the representation geometry of the held-out backbone features, as the HyDeS paper's
+    Table III (definitions in `geometry`; the paper names the metrics without formulas), and the class-centroid
+    cosine-similarity matrix (its Figure 5) as <checkpoint>.centroids.png: centroids of the L2-normalised
+    features minus their mean (ResNet features are >= 0, so raw cosines are all positive), classes in a greedy
+    nearest-centroid order so related classes sit together (the order is saved in the JSON).
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
@@ -25,7 +28,7 @@ import common
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by one of the method scripts")
     p.add_argument("--dataset", default=None, choices=common.DATASETS, help="default: the pretraining dataset")
     p.add_argument("--data-dir", default=None, help="default: the pretraining --data-dir")
@@ -34,8 +37,10 @@ def get_args(argv=None):
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs over the frozen features")
     p.add_argument("--probe-lr", type=float, default=0.1, help="linear-probe SGD learning rate (batch 256)")
     p.add_argument("--probe-wd", type=float, default=0.0, help="linear-probe weight decay")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (quick checks)")
-    p.add_argument("--geometry", action="store_true", help="also report effective rank, anisotropy, angles")
+    p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of N images of each split (quick checks)")
+    p.add_argument("--geometry", action="store_true", help="also report the representation geometry and write the "
+                   "class-centroid similarity matrix as a PNG")
+    p.add_argument("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip undecodable files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe and of the geometry's augmentations")
     args = p.parse_args(argv)
@@ -68,26 +73,74 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, wd=0.0, b
     return top1, top5
 
 
+def effective_rank(x):
+    """exp(entropy of the normalised singular values) of the centred rows of x (Roy & Vetterli 2007):
+    between 1 (all variation along one direction) and min(n - 1, d) (equal variance along every direction)."""
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum()
+    return torch.exp(-torch.special.xlogy(p, p).sum()).item()
+
+
 @torch.no_grad()
-def geometry(f, f_pos=None):
-    """Representation geometry of features f (N, D) (and of a second view f_pos of the same images):
-    effective rank = exp(entropy of the normalised singular values of the centred features);
-    anisotropy = mean cosine similarity between distinct samples; centre norm = |mean of the
-    L2-normalised features|; mean pairwise angle (degrees) over all pairs and over positive pairs."""
+def geometry(f, pairs=None, labels=None):
+    """Representation geometry of features f (N, D), computed on the L2-normalised rows z_i:
+      anisotropy          mean cosine z_i . z_j over distinct pairs (0: spread, 1: one direction);
+      center_norm         ||mean_i z_i|| (0: centred on the sphere, 1: collapsed);
+      feature_correlation mean |Pearson correlation| between distinct feature dimensions, over samples;
+      embedding_rank      effective rank of the centred z (see effective_rank);
+      angle_all_mean/std  pairwise angles in degrees over distinct pairs;
+    with pairs = (a, b), two augmented views (M, D) of the same M images (positive pairs):
+      angle_pos_mean/std  angle between the two views of each image;
+      d_prime             sensitivity index of positive vs all angles, (mean_all - mean_pos) / sqrt((var_all +
+                          var_pos) / 2): how many pooled standard deviations separate the two distributions;
+    with class labels (N,):
+      centroid_rank       effective rank of the centred class centroids of z (at most C - 1)."""
     z = F.normalize(f.double(), dim=1)
     n = len(z)
-    s = torch.linalg.svdvals(f.double() - f.double().mean(0))
-    p = s / s.sum()
-    cos = z @ z.T
-    off = cos[~torch.eye(n, dtype=torch.bool, device=z.device)]
-    ang = torch.rad2deg(torch.arccos(off.clamp(-1, 1)))
-    out = {"effective_rank": torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item(),
-           "anisotropy": off.mean().item(), "center_norm": z.mean(0).norm().item(),
-           "angle_all_mean": ang.mean().item(), "angle_all_std": ang.std().item()}
-    if f_pos is not None:
-        pos = torch.rad2deg(torch.arccos((z * F.normalize(f_pos.double(), dim=1)).sum(1).clamp(-1, 1)))
-        out.update(angle_pos_mean=pos.mean().item(), angle_pos_std=pos.std().item())
+    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    cos = (z @ z.T)[off]
+    ang = torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+    corr = torch.corrcoef(z.T).nan_to_num()  # (D, D); a constant dimension counts as uncorrelated
+    d = corr.shape[0]
+    out = {"anisotropy": cos.mean().item(), "center_norm": z.mean(0).norm().item(),
+           "feature_correlation": ((corr.abs().sum() - corr.diagonal().abs().sum()) / max(d * (d - 1), 1)).item(),
+           "embedding_rank": effective_rank(z), "angle_all_mean": ang.mean().item(), "angle_all_std": ang.std().item()}
+    if pairs is not None:
+        a, b = (F.normalize(x.double(), dim=1) for x in pairs)
+        pos = torch.rad2deg(torch.arccos((a * b).sum(1).clamp(-1, 1)))
+        out.update(angle_pos_mean=pos.mean().item(), angle_pos_std=pos.std().item(),
+                   d_prime=((ang.mean() - pos.mean()) / ((ang.var() + pos.var()) / 2).sqrt()).item())
+    if labels is not None:
+        out["centroid_rank"] = effective_rank(class_centroids(z, labels))
     return out
+
+
+def class_centroids(z, labels):
+    """(C, D) mean of the rows of z in each class 0..C-1 (classes without rows are dropped)."""
+    C = int(labels.max()) + 1
+    sums = torch.zeros(C, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, labels, z)
+    counts = torch.bincount(labels, minlength=C)
+    return sums[counts > 0] / counts[counts > 0, None]
+
+
+def greedy_order(sim):
+    """A chain through the classes: start at 0, then always the most similar class not yet visited."""
+    order, left = [0], set(range(1, len(sim)))
+    while left:
+        nxt = max(left, key=lambda j: sim[order[-1], j].item())
+        order.append(nxt)
+        left.remove(nxt)
+    return order
+
+
+def save_similarity_png(sim, path, cell=4):
+    """Cosine-similarity matrix (C, C) as an image: white at 0, red towards +1, blue towards -1."""
+    import torchvision
+    s = sim.float().clamp(-1, 1)
+    pos, neg = s.clamp(min=0), (-s).clamp(min=0)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos])  # (3, C, C)
+    rgb = rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    torchvision.utils.save_image(rgb, path)
 
 
 def main(args):
@@ -95,11 +148,12 @@ def main(args):
     saved = ck["args"]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
-    kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"])
+    kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
+              skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
-    labelled = memory.labels >= 0
-    memory = common.ImageTensors(memory.images[labelled][: args.limit], memory.labels[labelled][: args.limit])
-    val = common.ImageTensors(val.images[: args.limit], val.labels[: args.limit])
+    labelled = memory.labels >= 0  # STL-10's unlabelled images are -1
+    memory = common.subset(common.ImageTensors(memory.images[labelled], memory.labels[labelled]), args.limit)
+    val = common.subset(val, args.limit)
     size = memory.images.shape[-1]
     backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"),
                                         saved.get("patch_size"))
@@ -118,14 +172,22 @@ def main(args):
         res[f"knn{k}_top1"], res[f"knn{k}_top5"] = common.knn_classify(tr_f, tr_y, te_f, te_y, k, T)
     res["linear_top1"], res["linear_top5"] = linear_probe(tr_f, tr_y, te_f, te_y, args.probe_epochs, args.probe_lr,
                                                           args.probe_wd, seed=args.seed)
-    if args.geometry:  # on up to 2000 held-out images; positive pairs = two augmented crops of each
+    base = os.path.splitext(args.checkpoint)[0]
+    if args.geometry:  # on up to 2000 held-out images; positive pairs: two augmented crops of each
+        keep = common.subset(common.ImageTensors(torch.arange(len(val)), val.labels), 2000).images
         g = torch.Generator(device=device).manual_seed(args.seed)
-        v1, v2 = common.MultiCrop(size, *stats, n_global=2)(val.images[:2000].to(device), g)
+        views = common.MultiCrop(size, *stats, n_global=2)(val.images[keep].to(device), g)
         backbone.eval()
         with torch.no_grad():
-            pos = geometry(backbone(v1).float(), backbone(v2).float())
-        res.update(geometry(te_f[:2000]), angle_pos_mean=pos["angle_pos_mean"], angle_pos_std=pos["angle_pos_std"])
-    out = os.path.splitext(args.checkpoint)[0] + ".eval.json"
+            pairs = [torch.cat([backbone(c).float() for c in v.split(500)]) for v in views]
+        res.update(geometry(te_f[keep.to(te_f.device)], pairs, te_y[keep.to(te_y.device)]))
+        z = F.normalize(te_f.double(), dim=1)  # centroids relative to the mean feature: backbone features are
+        centroids = F.normalize(class_centroids(z, te_y) - z.mean(0), dim=1)  # >= 0 (ReLU), raw cosines all > 0
+        sim = centroids @ centroids.T
+        order = greedy_order(sim)
+        save_similarity_png(sim[order][:, order], base + ".centroids.png")
+        res["centroid_order"] = order
+    out = base + ".eval.json"
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(" ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))

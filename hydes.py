@@ -13,8 +13,11 @@ no stop-gradient. The loss is beta H_local - alpha H_global.
 
 Run:     python hydes.py --dataset cifar10 --kappa 1
 Offline: python hydes.py --dataset synthetic --width 16 --epochs 20 --device cpu
-Result:  synthetic, ResNet-18, 100 epochs, defaults: kNN 98.4%, linear 100% (H100, bf16). CIFAR-10 not yet
-         run (paper, ResNet-18, 200 epochs: linear 72.54, kNN 68.11).
+Result:  tin100-32 (100 classes, 32 px), 5,000 training images, 10 epochs, batch 128, ResNet-18 width 16, 2-core CPU
+         (README table; kNN memory and probe 10,000 labelled images), kNN k=20 / k=200 / linear: kappa 1 6.24 /
+         6.82 / 10.54, kappa 10 11.58 / 11.66 / 14.40 (SimCLR 8.68 / 9.72 / 12.34, random init 4.28 / 4.42 / 5.14).
+         Synthetic, ResNet-18, 100 epochs, defaults: kNN 98.4%, linear 100% (H100, bf16). CIFAR-10 not yet run
+         (paper, ResNet-18, 200 epochs: linear 72.54, kNN 68.11).
 """
 import argparse
 import functools
@@ -29,12 +32,13 @@ import common
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     common.add_common_args(p)
     common.add_crop_args(p, global_crops=2, local_crops=6)
     p.add_argument("--kappa", type=float, default=1.0,
-                   help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). On synthetic "
-                        "data kappa 10 learns far faster: kNN 98.7%% vs 51.6%% after 30 epochs (H100)")
+                   help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). kappa 10 "
+                        "learns far faster at short budgets: on tin100-32 real photographs, 10 CPU epochs, kNN 11.6%% "
+                        "vs 6.2%% (SimCLR 8.7%%); on synthetic shapes 98.7%% vs 51.6%% after 30 epochs (H100)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of H_global, the uniformity term (paper: 1)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of H_local, the alignment term (paper: 1)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width")
@@ -58,25 +62,25 @@ def log_vmf_normalizer(dim, kappa):
 
     C_D(k) = k^{v} / ((2 pi)^{D/2} I_v(k)) with v = D/2 - 1, and I_v(k) = (k/2)^v / Gamma(v+1) 0F1(; v+1; k^2/4),
     so  log C_D(k) = v log 2 - (D/2) log(2 pi) + lgamma(D/2) - log 0F1(; D/2; k^2/4).
-    The hypergeometric series sum_m x^m / ((b)_m m!) has positive terms: sum them in log space.
+    The series 0F1(; b; x) = sum_m t_m, t_m = x^m Gamma(b) / (Gamma(b+m) m!), has positive terms that rise to
+    a bell around m* = (sqrt(b^2 + 4x) - b) / 2 (where the ratio t_{m+1}/t_m crosses 1) of width
+    s = (1/m* + 1/(b+m*))^{-1/2}; outside m* +- (12 s + 50) they are below e^-70 of the peak. The window's
+    log-terms come from lgamma and are summed by logsumexp: O(sqrt(kappa)) work, exact to ~1e-15 for any kappa.
     At kappa -> 0 it gives -log|S^{D-1}|, the uniform density."""
     if kappa < 0 or dim < 2:
         raise ValueError(f"need kappa >= 0 and dim >= 2, got kappa={kappa}, dim={dim}")
     b, x = dim / 2, kappa**2 / 4
     log_f = 0.0
     if x > 0:
-        logs, term, m = [0.0], 0.0, 0
-        while True:  # log t_m = log t_{m-1} + log x - log(b + m - 1) - log m
-            m += 1
-            term += math.log(x) - math.log(b + m - 1) - math.log(m)
-            logs.append(term)
-            if term < max(logs) - 40 and m > x:  # past the peak and below 1e-17 of it
-                break
-        top = max(logs)
-        log_f = top + math.log(sum(math.exp(t - top) for t in logs))
+        peak = (math.sqrt(b * b + 4 * x) - b) / 2
+        width = 1 / math.sqrt(1 / max(peak, 1.0) + 1 / (b + peak))
+        m = torch.arange(max(0, int(peak - 12 * width) - 50), int(peak + 12 * width) + 51, dtype=torch.float64)
+        log_t = m * math.log(x) + math.lgamma(b) - torch.lgamma(b + m) - torch.lgamma(m + 1)  # log t_m
+        log_f = torch.logsumexp(log_t, 0).item()
     return (b - 1) * math.log(2) - b * math.log(2 * math.pi) + math.lgamma(b) - log_f
 
 
+@common.fp32  # fp32 even when called under autocast
 def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     """HyDeS loss (Eq. 4) and its two entropy estimates (Eqs. 2, 3).
 
@@ -85,7 +89,7 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
     alpha = beta. With V = 1 there are no positives: h_local is nan and the loss is -alpha h_global.
     Under torchrun the global term sees the crops of every rank (gathered with gradient)."""
     V, N, D = z.shape
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)  # fp32+ even under AMP
+    z = F.normalize(z, dim=-1)
     z = common.gather_with_grad(z.transpose(0, 1)).transpose(0, 1)  # (V, N_all, D), images of all ranks
     V, N = z.shape[:2]
     log_c = log_vmf_normalizer(D, kappa)
@@ -107,14 +111,15 @@ def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
 
 @torch.no_grad()
 def mean_angles(z):
-    """Mean pairwise angle in degrees of z (V, N, D): over all pairs, and over positive pairs (same image)."""
+    """Mean pairwise angle in degrees of z (V, N, D), over all pairs and over positive pairs (same image),
+    as a (2,) tensor on z's device (no host sync)."""
     V, N, D = z.shape
     flat = F.normalize(z.float(), dim=-1).reshape(V * N, D)
-    ang = torch.rad2deg(torch.arccos((flat @ flat.T).clamp(-1, 1)))
-    image = torch.arange(N, device=z.device).repeat(V)
-    off = ~torch.eye(V * N, dtype=torch.bool, device=z.device)
-    pos = (image[:, None] == image[None, :]) & off
-    return ang[off].mean().item(), ang[pos].mean().item()
+    ang = torch.rad2deg(torch.arccos((flat @ flat.T).clamp(-1, 1))).fill_diagonal_(0)  # (VN, VN)
+    image = torch.arange(N, device=z.device).repeat(V)  # (VN,) image index of each row
+    same = image[:, None] == image[None, :]  # (VN, VN): crops of one image
+    n_all, n_pos = V * N * (V * N - 1), V * N * (V - 1)  # off-diagonal pairs
+    return torch.stack([ang.sum() / n_all, (ang * same).sum() / max(n_pos, 1)])
 
 
 def projector(in_dim, hidden, out_dim):
@@ -148,12 +153,12 @@ def train(args):
     model = HyDeS(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
     model = common.wrap_ddp(model, device, args)
     base_lr = args.lr * args.batch_size / 128  # the paper's lr 1e-3 is for batch 128
-    opt = common.adamw(model, base_lr, args.wd, device)
+    opt = common.optimizer("adamw", model, base_lr, args.wd, device)
     start = common.resume(args, model, opt)
     world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(5)
+        g, sums = common.aug_generator(args, device, epoch), torch.zeros(5, device=device)
         for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed, f"epoch {epoch + 1}")):
             step = epoch * steps + i
             for group in opt.param_groups:
@@ -162,12 +167,12 @@ def train(args):
             with common.autocast(args, device):
                 z = model(views)  # (V, N, D)
             loss, h_global, h_local = hydes_loss(z, args.kappa, args.alpha, args.beta)
-            common.check_finite(loss, epoch, i)
             opt.zero_grad(set_to_none=True)
             (loss * world).backward()  # each rank holds d(loss)/d(own crops); DDP averages over ranks
             opt.step()
-            sums += torch.tensor([loss.item(), h_global.item(), h_local.item(), *mean_angles(z)])
-        m = (sums / steps).tolist()
+            sums += torch.cat([torch.stack([loss, h_global, h_local]).detach().float(), mean_angles(z)])  # on device
+            common.check_finite(sums[0], epoch, i)
+        m = (sums / steps).tolist()  # the one host sync of the epoch
         common.end_epoch(args, epoch, model, backbone, opt, (memory, val, stats), device,
                          {"loss": m[0], "h_global": m[1], "h_local": m[2], "angle_all": m[3], "angle_pos": m[4],
                           "lr": opt.param_groups[0]["lr"]})

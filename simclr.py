@@ -10,7 +10,9 @@ Over the 2N views, with cosine similarities s_ik and positive p(i) = the other v
 
 Run:     python simclr.py --dataset cifar10 --arch resnet18
 Offline: python simclr.py --dataset synthetic --width 16 --epochs 20 --batch-size 128 --device cpu
-Result:  synthetic, ResNet-18, 60 epochs, batch 256: kNN top-1 99.1% (H100, bf16). CIFAR-10 not yet run.
+Result:  tin100-32 (100 classes, 32 px), 5,000 training images, 10 epochs, batch 128, ResNet-18 width 16, 2-core CPU:
+         kNN k=20 8.68% / k=200 9.72%, linear 12.34% (random init 4.28 / 4.42 / 5.14; README table).
+         Synthetic shapes, ResNet-18, 60 epochs, batch 256: kNN 99.1% (H100, bf16). CIFAR-10 not yet run.
 """
 import argparse
 
@@ -23,7 +25,7 @@ import common
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     common.add_common_args(p)
     p.add_argument("--temperature", type=float, default=0.2,
                    help="NT-Xent temperature t (paper: 0.1 on ImageNet with large batches; 0.2-0.5 on CIFAR)")
@@ -43,11 +45,11 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------
+@common.fp32  # fp32 even when called under autocast
 def nt_xent(z1, z2, temperature=0.2):
     """NT-Xent (Eq. 1). z1, z2: (N, D) projections of the two views, any scale (normalised here).
     Under torchrun the views of every rank take part as negatives (gathered with gradient)."""
-    z = torch.cat([common.gather_with_grad(z1), common.gather_with_grad(z2)])
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # (2N, D), fp32+ even under AMP
+    z = F.normalize(torch.cat([common.gather_with_grad(z1), common.gather_with_grad(z2)]), dim=1)  # (2N, D)
     n = z.shape[0] // 2
     logits = z @ z.T / temperature  # (2N, 2N): s_ik / t
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
@@ -85,15 +87,12 @@ def train(args):
     model = SimCLR(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
     model = common.wrap_ddp(model, device, args)
     base_lr = args.lr * args.batch_size / 256  # linear scaling rule
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(common.param_groups(model, args.wd), lr=base_lr, momentum=0.9)
-    else:
-        opt = common.adamw(model, base_lr, args.wd, device)
+    opt = common.optimizer(args.optimizer, model, base_lr, args.wd, device)
     start = common.resume(args, model, opt)
     world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, total = common.aug_generator(args, device, epoch), 0.0
+        g, total = common.aug_generator(args, device, epoch), torch.zeros((), device=device)
         for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed, f"epoch {epoch + 1}")):
             step = epoch * steps + i
             for group in opt.param_groups:
@@ -102,13 +101,13 @@ def train(args):
             with common.autocast(args, device):
                 z1, z2 = model(views)
             loss = nt_xent(z1, z2, args.temperature)
-            common.check_finite(loss, epoch, i)
             opt.zero_grad(set_to_none=True)
             (loss * world).backward()  # each rank holds d(loss)/d(own views); DDP averages over ranks
             opt.step()
-            total += loss.item()
+            total += loss.detach()  # summed on the device: no host sync per step
+            common.check_finite(total, epoch, i)
         common.end_epoch(args, epoch, model, backbone, opt, (memory, val, stats), device,
-                         {"loss": total / steps, "lr": opt.param_groups[0]["lr"]})
+                         {"loss": total.item() / steps, "lr": opt.param_groups[0]["lr"]})
 
 
 if __name__ == "__main__":

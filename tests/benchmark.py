@@ -4,6 +4,12 @@ pipeline: batched multi-crop augmentation vs a per-image PIL torchvision pipelin
 
     python tests/benchmark.py                      # CUDA with bf16 autocast when present, else CPU
     python tests/benchmark.py --device cpu --width 16 --batch-size 64
+    python tests/benchmark.py --peer lightly       # end to end against lightly (pip install lightly)
+
+--peer lightly times, in one run, the same SimCLR step and the same DINO step (2 + 6 crops) written as lightly's
+examples write them (its losses, heads and transforms; a torch DataLoader with workers feeding PIL images;
+one forward per view) against this project's end-to-end step (batched augmentation on the device + the step),
+on the same backbone, batch and device. lightly is a benchmark-only dependency, never in requirements.txt.
 """
 import argparse
 import os
@@ -11,6 +17,7 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -56,7 +63,7 @@ def build(name, margs, device):
         return model, lambda v: model.criterion(*model(v), 0), backbone
     if name == "entrec":
         model = entrec.EntRec(backbone, dim, margs)
-        return model, lambda v: entrec.entrec_loss(model, *model(v), margs)[0], backbone
+        return model, lambda v: entrec.entrec_loss(*model(v), margs)[0], backbone
     model = mmae.MAE(backbone, dim, margs)
 
     def loss_of(v):
@@ -110,6 +117,109 @@ def method_step(name, margs, device, x, aug, amp, steps):
           f"{tflops:.1f} TFLOP/s", flush=True)
 
 
+def ours_end_to_end(name, margs, device, images, batch, amp, steps):
+    """Seconds per step of this project's loop: uint8 batch on the device -> batched crops -> step."""
+    mod, n_global, n_local, scale = METHODS[name]
+    model, loss_fn, _ = build(name, margs, device)
+    model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    aug = common.MultiCrop(32, torch.full((3,), 0.5), torch.full((3,), 0.25), n_global, n_local, scale)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = images[:batch].to(device)
+
+    def step():
+        views = aug(x, g)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(views)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if name == "dino":
+            dino.ema_update(model.teacher, model.student, 0.996)
+    return timed(step, device, steps, warmup=2)
+
+
+def lightly_end_to_end(name, args, device, images, amp, steps):
+    """Seconds per step of the same step written with lightly, as its examples do."""
+    import copy
+
+    from lightly.loss import DINOLoss, NTXentLoss
+    from lightly.models.modules import DINOProjectionHead, SimCLRProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import DINOTransform, SimCLRTransform
+    from PIL import Image
+    torch.manual_seed(0)
+    backbone, dim = common.build_backbone(args.arch, 32, args.width)
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    if name == "simclr":  # colour jitter 0.4/0.4/0.2/0.1 as ours; no blur at 32 px
+        transform = SimCLRTransform(input_size=32, cj_strength=0.5, cj_sat=0.4, gaussian_blur=0.0, normalize=norm)
+        head = SimCLRProjectionHead(dim, 2048, 128, num_layers=3)  # the same 3-layer projector as simclr.py
+        model, criterion = nn.Sequential(backbone, head), NTXentLoss(temperature=0.2)
+    else:  # 2 x 32 px + 6 x 16 px crops, no blur/solarisation at 32 px (as ours)
+        transform = DINOTransform(global_crop_size=32, local_crop_size=16, n_local_views=6, cj_strength=0.5,
+                                  cj_sat=0.4, gaussian_blur=(0.0, 0.0, 0.0), solarization_prob=0.0, normalize=norm)
+        model = nn.Sequential(backbone, DINOProjectionHead(dim, 2048, 256, 4096, batch_norm=True))
+        # lightly's example builds the teacher head anew (its weight_norm cannot be deep-copied)
+        teacher = nn.Sequential(copy.deepcopy(backbone), DINOProjectionHead(dim, 2048, 256, 4096, batch_norm=True))
+        deactivate_requires_grad(teacher)
+        criterion = DINOLoss(output_dim=4096)
+        teacher.to(device)
+    model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]  # decoded once: the peer's best case
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(pil)
+
+        def __getitem__(self, i):
+            return transform(pil[i]), 0
+
+    loader = torch.utils.data.DataLoader(Data(), batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=min(8, os.cpu_count() or 1), persistent_workers=True)
+
+    def batches():
+        while True:
+            yield from loader
+    it = batches()
+
+    def step():
+        views, _ = next(it)
+        views = [v.to(device, non_blocking=True) for v in views]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            if name == "simclr":
+                loss = criterion(model(views[0]), model(views[1]))
+            else:
+                update_momentum(model, teacher, m=0.996)
+                teacher_out = [teacher(v) for v in views[:2]]
+                student_out = [model(v) for v in views]
+                loss = criterion(teacher_out, student_out, epoch=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return timed(step, device, steps, warmup=2)
+
+
+def peer_lightly(args, device, amp):
+    try:
+        import lightly
+    except ImportError:
+        sys.exit("--peer lightly needs lightly, a benchmark-only dependency: pip install lightly "
+                 "(e.g. in a virtual environment made with --system-site-packages, beside this project's torch)")
+    images = common.synthetic(max(4 * args.batch_size, 1024), 0).images
+    print(f"peer: lightly {lightly.__version__}, DataLoader workers {min(8, os.cpu_count() or 1)}, backbone "
+          f"{args.arch} width {args.width}, batch {args.batch_size}")
+    for name in ("simclr", "dino"):
+        mod = METHODS[name][0]
+        margs = mod.get_args(["--arch", args.arch, "--width", str(args.width), "--dataset", "synthetic",
+                              "--out-dir", "/tmp/bench"] + (["--local-crops", "6"] if name == "dino" else []))
+        t_ours = ours_end_to_end(name, margs, device, images, args.batch_size, amp, args.steps)
+        t_peer = lightly_end_to_end(name, args, device, images, amp, args.steps)
+        b = args.batch_size
+        print(f"{name:7s} end to end (augmentation + step): ours {b / t_ours:8.0f} img/s, lightly {b / t_peer:8.0f} img/s,"
+              f" ratio {t_peer / t_ours:5.2f}x", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,12 +228,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--peer", choices=("lightly",), default=None, help="compare SimCLR and DINO end to end with lightly")
     args = p.parse_args()
     device = torch.device(args.device)
     amp = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name() if amp else 'cpu'} torch {torch.__version__} threads "
           f"{torch.get_num_threads()} amp {'bf16' if amp else 'off'}")
+    if args.peer:
+        return peer_lightly(args, device, amp)
     images = common.synthetic(max(args.batch_size, 512), 0).images
     x = images[: args.batch_size].to(device)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
@@ -132,7 +245,7 @@ def main():
             continue
         arch = "vit_tiny" if name == "mmae" else args.arch
         margs = mod.get_args(["--arch", arch, "--width", str(args.width), "--dataset", "synthetic",
-                              "--out-dir", "/tmp/bench"] + (["--out-dim", "4096"] if name == "dino" else []))
+                              "--out-dir", "/tmp/bench"] + (["--local-crops", "6"] if name == "dino" else []))
         aug = common.MultiCrop(32, mean, std, n_global, n_local, scale, color=name != "mmae")
         method_step(name, margs, device, x, aug, amp, args.steps)
     # data pipeline: 2 global + 6 local crops of 32 px images

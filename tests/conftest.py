@@ -21,9 +21,18 @@ def run(script, *args, check=True):
     return p
 
 
-@pytest.fixture
-def runner():
-    return run
+def call(script, *args):
+    """Run a script's train() (or eval_linear's main()) inside the test process, for tests that check results, not the
+    command line: no interpreter start-up, and the synthetic data is made once per process. A non-zero SystemExit
+    (a one-line error) fails the test with its message."""
+    import importlib
+    mod = importlib.import_module(os.path.splitext(script)[0])
+    argv = [str(a) for a in args]
+    try:
+        return (mod.main if script == "eval_linear.py" else mod.train)(mod.get_args(argv))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise AssertionError(f"{script} {' '.join(argv)} stopped: {e.code}") from None
 
 
 def arg_error(module, argv, capsys):
@@ -34,3 +43,17 @@ def arg_error(module, argv, capsys):
     msg = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err
     assert "error:" in msg
     return msg
+
+
+def log_vmf_normalizer_by_quadrature(d, kappa, n=20000):
+    """log C_D(kappa) from the integral I_v(k) = (k/2)^v / (sqrt(pi) Gamma(v + 1/2)) int_0^pi e^{k cos t} sin^{2v} t dt
+    (v = D/2 - 1), i.e. log C_D = v log 2 - (D/2) log 2pi + log(pi)/2 + lgamma(v + 1/2) - log int(...). The integrand
+    is smooth and periodic for even D, so the trapezoid rule on n points is exact to ~1e-13; logsumexp keeps it
+    finite at any kappa. A derivation independent of the series the code sums."""
+    import math
+
+    import torch
+    v = d / 2 - 1
+    t = torch.arange(1, n, dtype=torch.float64) * math.pi / n  # the end points contribute 0 (sin = 0, v > 0)
+    log_int = torch.logsumexp(kappa * t.cos() + 2 * v * t.sin().log(), 0).item() + math.log(math.pi / n)
+    return v * math.log(2) - d / 2 * math.log(2 * math.pi) + 0.5 * math.log(math.pi) + math.lgamma(v + 0.5) - log_int

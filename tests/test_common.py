@@ -125,13 +125,159 @@ def test_build_backbone_feature_dims():
 
 
 def test_geometry_closed_forms():
-    # N = 8 orthonormal features (rows of I): centred, they have 7 equal singular values and one 0, so the
-    # effective rank is 7; all cosines 0 -> anisotropy 0, angle 90 deg (std 0); centre = mean of e_i, norm
-    # 1/sqrt(8); a second view equal to the first -> positive angle 0.
+    # N = 8 orthonormal features (rows of 3 I): all cosines 0 -> anisotropy 0, every angle 90 deg (std 0); centre =
+    # mean of e_i, norm 1/sqrt(8); centred, the rows have 7 equal singular values and one 0 -> embedding rank 7.
+    # Feature correlation: column i is the indicator of sample i: mean 1/8, variance 1/8 - 1/64 = 7/64, covariance of
+    # two columns 0 - 1/64 -> Pearson -1/7 for every pair -> mean |corr| 1/7.
+    # Labels [0,0,1,1,2,2,3,3]: centroids (e0+e1)/2, ... are 4 orthogonal vectors of one norm -> centred rank 3.
+    # Pairs: a_i = e_i, b_i = cos t_i e_i + sin t_i e_{i+4}, t = 10, 20, 30, 40 deg -> positive angles mean 25,
+    # sample std sqrt(500/3) = 12.910; d' = (90 - 25) / sqrt((0 + 500/3) / 2) = 65 / 9.1287 = 7.1204.
     from eval_linear import geometry
     f = torch.eye(8) * 3.0
-    g = geometry(f, f.clone())
-    assert g["effective_rank"] == pytest.approx(7.0, rel=1e-6)
-    assert g["anisotropy"] == pytest.approx(0.0, abs=1e-9) and g["center_norm"] == pytest.approx(8**-0.5)
-    assert g["angle_all_mean"] == pytest.approx(90.0) and g["angle_all_std"] == pytest.approx(0.0, abs=1e-6)
-    assert g["angle_pos_mean"] == pytest.approx(0.0, abs=1e-3)
+    t = torch.deg2rad(torch.tensor([10.0, 20.0, 30.0, 40.0]))
+    a, b = torch.eye(8)[:4], torch.eye(8)[:4] * t.cos()[:, None] + torch.eye(8)[4:] * t.sin()[:, None]
+    g = geometry(f, (a, b), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert g["anisotropy"] == pytest.approx(0.0, abs=1e-12) and g["center_norm"] == pytest.approx(8**-0.5)
+    assert g["angle_all_mean"] == pytest.approx(90.0) and g["angle_all_std"] == pytest.approx(0.0, abs=1e-9)
+    assert g["embedding_rank"] == pytest.approx(7.0, rel=1e-9) and g["centroid_rank"] == pytest.approx(3.0, rel=1e-9)
+    assert g["feature_correlation"] == pytest.approx(1 / 7, rel=1e-9)
+    assert g["angle_pos_mean"] == pytest.approx(25.0, abs=1e-4) and g["angle_pos_std"] == pytest.approx(12.9099, abs=1e-3)
+    assert g["d_prime"] == pytest.approx(65 / (250 / 3) ** 0.5, rel=1e-5)
+
+
+def test_feature_correlation_and_collapse():
+    # Columns c1 = (1,-1,1,-1), c2 = (1,1,-1,-1), c3 = 2 c1: |corr| 0 for (c1,c2), (c2,c3) and 1 for (c1,c3) ->
+    # mean over the 6 ordered pairs 2/6. Every row has norm sqrt(6): the L2 normalisation keeps the correlations.
+    from eval_linear import geometry
+    c1, c2 = torch.tensor([1.0, -1, 1, -1]), torch.tensor([1.0, 1, -1, -1])
+    assert geometry(torch.stack([c1, c2, 2 * c1], 1))["feature_correlation"] == pytest.approx(1 / 3, rel=1e-9)
+    # rows e0, e0, e1, e1: centred they are +-(e0 - e1)/2, one direction -> embedding rank 1; of the 12 ordered
+    # pairs, 4 have cosine 1 and 8 cosine 0 -> anisotropy 1/3
+    g = geometry(torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]))
+    assert g["embedding_rank"] == pytest.approx(1.0, rel=1e-9) and g["anisotropy"] == pytest.approx(1 / 3)
+
+
+def test_centroid_order_and_png(tmp_path):
+    # 0 ~ 2 (0.9), 2 ~ 3 (0.8), 3 ~ 1 (0.7), all else 0.1: the greedy chain from 0 is 0, 2, 3, 1
+    from eval_linear import greedy_order, save_similarity_png
+    sim = torch.full((4, 4), 0.1).fill_diagonal_(1.0)
+    for i, j, s in ((0, 2, 0.9), (2, 3, 0.8), (3, 1, 0.7)):
+        sim[i, j] = sim[j, i] = s
+    assert greedy_order(sim) == [0, 2, 3, 1]
+    # +1 is pure red, -1 pure blue, 0 white
+    save_similarity_png(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), str(tmp_path / "m.png"), cell=1)
+    import numpy as np
+    from PIL import Image
+    px = torch.from_numpy(np.array(Image.open(tmp_path / "m.png").convert("RGB")))  # (2, 2, 3)
+    assert px[0, 0].tolist() == [255, 0, 0] and px[0, 1].tolist() == [0, 0, 255] and px[1, 1].tolist() == [255, 255, 255]
+
+
+def test_check_finite_syncs_every_k_steps():
+    common.check_finite(torch.tensor(float("nan")), 0, 3, every=50)  # not a checking step: no sync, no stop
+    with pytest.raises(SystemExit, match="the loss became nan at epoch 1"):
+        common.check_finite(torch.tensor(float("nan")), 0, 49, every=50)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data a user brings: folder datasets and Tiny-ImageNet
+# ----------------------------------------------------------------------------------------------
+def write_image(path, colour, mode="RGB", size=(12, 10)):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.new("RGB", size, colour)
+    if mode == "L":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode == "RGBA":
+        im = im.convert("RGBA")
+    im.save(path)
+
+
+def test_folder_val_classes_matched_to_train_by_name(tmp_path):
+    # train {a, b, c}, val {b, c}: ImageFolder alone would number val's classes 0, 1; matched by name they are 1, 2.
+    for c, colour in zip("abc", [(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        for i in range(2):
+            write_image(str(tmp_path / "train" / c / f"{i}.png"), colour)
+    for c in "bc":
+        write_image(str(tmp_path / "val" / c / "0.png"), (0, 255, 0) if c == "b" else (0, 0, 255))
+    train = common.get_dataset("folder", str(tmp_path), "train", image_size=8)
+    val = common.get_dataset("folder", str(tmp_path), "val", image_size=8)
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2] and val.labels.tolist() == [1, 2]
+    assert val.images.shape == (2, 3, 8, 8) and val.images[0, 1].float().mean() == 255  # green image, label 1 = b
+    # a val class that train does not have: a one-line error naming it
+    write_image(str(tmp_path / "val" / "zebra" / "0.png"), (9, 9, 9))
+    with pytest.raises(SystemExit, match="class folder 'zebra'"):
+        common.get_dataset("folder", str(tmp_path), "val", image_size=8)
+
+
+def test_folder_bad_files_modes_and_non_images(tmp_path):
+    write_image(str(tmp_path / "train" / "a" / "rgb.png"), (200, 100, 50))
+    write_image(str(tmp_path / "train" / "a" / "grey.png"), (90, 90, 90), mode="L")
+    write_image(str(tmp_path / "train" / "a" / "palette.png"), (10, 200, 30), mode="P")
+    write_image(str(tmp_path / "train" / "b" / "rgba.png"), (0, 0, 255), mode="RGBA")
+    (tmp_path / "train" / "b" / "notes.txt").write_text("not an image, and not named like one: ignored")
+    ds = common.get_dataset("folder", str(tmp_path), "train", image_size=4)
+    assert ds.images.shape == (4, 3, 4, 4) and ds.labels.tolist() == [0, 0, 0, 1]
+    # sorted file order in a: grey, palette, rgb. Grey 90 -> (90, 90, 90); every mode became 3-channel RGB
+    assert ds.images[0].float().mean((1, 2)).tolist() == [90.0, 90.0, 90.0]
+    assert ds.images[2].float().mean((1, 2)).tolist() == [200.0, 100.0, 50.0]
+    assert ds.images[3].float().mean((1, 2)).tolist() == [0.0, 0.0, 255.0]
+    # two undecodable files named as images: one-line error naming the first and the count, or skipped
+    (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated download")
+    (tmp_path / "train" / "a" / "fake.png").write_text("a text file named .png")
+    with pytest.raises(SystemExit, match=r"2 of 6 files .* cannot be read as images \(first: .*fake.png\)"):
+        common.get_dataset("folder", str(tmp_path), "train", image_size=4)
+    ds = common.get_dataset("folder", str(tmp_path), "train", image_size=4, skip_bad=True)
+    assert ds.labels.tolist() == [0, 0, 0, 1]
+
+
+def test_folder_default_size_follows_small_images(tmp_path):
+    write_image(str(tmp_path / "train" / "a" / "0.png"), (1, 2, 3), size=(20, 24))
+    assert common.get_dataset("folder", str(tmp_path), "train").images.shape[-1] == 20  # its own size, <= 64
+    write_image(str(tmp_path / "big" / "train" / "a" / "0.png"), (1, 2, 3), size=(300, 200))
+    assert common.get_dataset("folder", str(tmp_path / "big"), "train").images.shape[-1] == 64
+
+
+def make_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2):
+    """The official layout in miniature: wnids.txt (unsorted), train/<wnid>/images/*.JPEG, val/images/*.JPEG +
+    val_annotations.txt (tab-separated, with bounding boxes), a boxes file per train class."""
+    os.makedirs(root)
+    with open(os.path.join(root, "wnids.txt"), "w") as f:
+        f.write("\n".join(wnids) + "\n")
+    shade = {w: 40 * (i + 1) for i, w in enumerate(sorted(wnids))}  # n01 -> 40, n02 -> 80, n03 -> 120
+    for w in wnids:
+        for i in range(per_class):
+            write_image(os.path.join(root, "train", w, "images", f"{w}_{i}.JPEG"), (shade[w],) * 3, size=(64, 64))
+        open(os.path.join(root, "train", w, f"{w}_boxes.txt"), "w").write("boxes, not an image\n")
+    os.makedirs(os.path.join(root, "val", "images"))
+    with open(os.path.join(root, "val", "val_annotations.txt"), "w") as f:
+        for i, w in enumerate(["n03", "n01", "n03"]):
+            write_image(os.path.join(root, "val", "images", f"val_{i}.JPEG"), (shade[w],) * 3, size=(64, 64))
+            f.write(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63\n")
+
+
+def test_tinyimagenet_layout(tmp_path):
+    make_tiny_imagenet(str(tmp_path / "tiny-imagenet-200"))
+    for data_dir in (tmp_path, tmp_path / "tiny-imagenet-200"):  # the folder holding it, or the folder itself
+        train = common.get_dataset("tinyimagenet", str(data_dir), "train", download=False)
+        val = common.get_dataset("tinyimagenet", str(data_dir), "val", download=False)
+        # labels are the sorted wnids: n01 -> 0, n02 -> 1, n03 -> 2, in train and val alike
+        assert train.labels.tolist() == [0, 0, 1, 1, 2, 2] and val.labels.tolist() == [2, 0, 2]
+        assert train.images.shape == (6, 3, 64, 64)  # 64 px by default
+        # JPEG keeps a flat grey within a few levels: the label really follows the image
+        assert (train.images.float().mean((1, 2, 3)) - torch.tensor([40, 40, 80, 80, 120, 120.0])).abs().max() < 3
+        assert (val.images.float().mean((1, 2, 3)) - torch.tensor([120, 40, 120.0])).abs().max() < 3
+
+
+def test_tinyimagenet_missing_says_where_to_put_it(tmp_path):
+    with pytest.raises(SystemExit, match="extract tiny-imagenet-200.zip .* so that .*tiny-imagenet-200/wnids.txt"):
+        common.get_dataset("tinyimagenet", str(tmp_path), "train", download=False)
+
+
+def test_subset_is_fixed_random_and_covers_classes():
+    data = common.ImageTensors(torch.zeros(1000, 3, 1, 1, dtype=torch.uint8), torch.arange(1000) // 100)  # sorted
+    a, b = common.subset(data, 200), common.subset(data, 200)
+    assert torch.equal(a.labels, b.labels) and len(a) == 200
+    assert torch.bincount(a.labels, minlength=10).min() >= 8  # every class present (a prefix would hold 2)
+    assert common.subset(data, None) is data and common.subset(data, 5000) is data

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import TINY, arg_error, run
-from dino import DINO, DINOLoss, ema_update, get_args
+from conftest import TINY, arg_error, call
+from dino import DINO, DINOLoss, ema_update, get_args, sinkhorn
 
 
 @pytest.mark.parametrize("k", [4, 64, 1000])
@@ -42,6 +41,23 @@ def test_center_update():
     assert torch.allclose(loss_fn.center, torch.tensor([[0.9 + 0.1, 1.8 + 0.2, 2.7 + 0.2]]))
 
 
+def test_sinkhorn_balances_prototypes():
+    # Already balanced (a permutation pattern, B = K = 2): Sinkhorn leaves softmax(logits / temp) unchanged,
+    # P = [[e^2, 1], [1, e^2]] / (e^2 + 1) for logits [[1, 0], [0, 1]] at temp 0.5.
+    p = sinkhorn(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 0.5)
+    e2 = math.exp(2)
+    assert torch.allclose(p, torch.tensor([[e2, 1.0], [1.0, e2]]) / (e2 + 1), atol=1e-6)
+    # Every row prefers prototype 0 equally: each prototype must receive half of the mass, so the identical rows
+    # become uniform, where the centred softmax would keep [e, 1] / (e + 1).
+    p = sinkhorn(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]), 1.0)
+    assert torch.allclose(p, torch.full((3, 2), 0.5), atol=1e-6)
+    # DINOLoss with sinkhorn centring: targets are the balanced rows
+    loss_fn = DINOLoss(2, epochs=10, centering="sinkhorn")
+    q = loss_fn.targets([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])], 0)
+    assert all(torch.allclose(x.sum(-1), torch.ones(1)) for x in q)
+    assert torch.allclose(torch.cat(q).sum(0), torch.ones(2), atol=1e-6)  # each prototype: B / K = 1 of mass
+
+
 def test_teacher_temperature_schedule():
     # linear from 0.04 to 0.07 over 30 epochs (30 points: epoch e -> 0.04 + 0.03 e / 29), then 0.07
     loss_fn = DINOLoss(3, 0.04, 0.07, 30, epochs=100)
@@ -62,7 +78,7 @@ def test_ema_and_no_gradient_to_teacher():
     old = [p.clone() for p in model.teacher.parameters()]
     ema_update(model.teacher, model.student, 0.9)
     for o, t, s in zip(old, model.teacher.parameters(), model.student.parameters()):
-        assert torch.allclose(t, 0.9 * o + 0.1 * s)
+        assert torch.allclose(t, 0.9 * o + 0.1 * s, atol=1e-6)  # lerp: o + 0.1 (s - o), rounded otherwise
     views = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)]
     s_out, t_out = model(views)
     assert len(s_out) == 3 and len(t_out) == 2 and s_out[0].shape == (4, 16)
@@ -72,21 +88,57 @@ def test_ema_and_no_gradient_to_teacher():
     assert any(p.grad is not None for p in model.student.parameters())
 
 
+def test_defaults_follow_the_backbone():
+    # ResNet: the CIFAR-scale recipe (SGD 0.12 with constant wd 5e-4, BN in a 2-layer head, K = 2048, teacher
+    # temperature 0.02, no clipping, no frozen last layer); ViT: the paper's AdamW 5e-4 with wd 0.04 -> 0.4, no BN,
+    # 3 layers, clipping 3, last layer frozen for 1 epoch. An explicit choice wins; another optimiser brings its lr/wd.
+    keys = ("optimizer", "lr", "wd", "wd_end", "bn_head", "head_layers", "out_dim", "teacher_temp", "clip_grad",
+            "freeze_last_layer")
+
+    def got(*argv):
+        a = get_args(["--dataset", "synthetic", "--out-dir", "/tmp/unused", *argv])
+        return tuple(getattr(a, k) for k in keys)
+    assert got() == ("sgd", 0.12, 5e-4, 5e-4, True, 2, 2048, 0.02, 0.0, 0)
+    assert got("--arch", "vit_tiny") == ("adamw", 5e-4, 0.04, 0.4, False, 3, 4096, 0.04, 3.0, 1)
+    assert got("--optimizer", "adamw", "--lr", "1e-3", "--no-bn-head") == (
+        "adamw", 1e-3, 0.04, 0.4, False, 2, 2048, 0.02, 0.0, 0)
+    assert got("--wd", "1e-3", "--head-layers", "3")[3:6] == (1e-3, True, 3)  # sgd: constant wd
+    from dino import DINOHead
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in DINOHead(8, 16, bn=True).modules()) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in DINOHead(8, 16).modules())
+    # official nlayers: Linear -> [BN] -> GELU, (layers - 1) times, then the Linear to the bottleneck
+    assert [m.out_features for m in DINOHead(8, 16, layers=2, hidden=32, bottleneck=4).mlp
+            if isinstance(m, torch.nn.Linear)] == [32, 4]
+
+
+def test_local_crops_follow_the_image_size():
+    # 32 px: no local crops (16-px crops miss the object) and wide global crops; 64 px up: 2 + 6 with (0.4, 1)
+    from dino import resolve_crops
+    for size, expected in ((32, (0, (0.08, 1.0))), (64, (6, (0.4, 1.0))), (96, (6, (0.4, 1.0)))):
+        a = get_args(["--dataset", "synthetic", "--out-dir", "/tmp/unused"])
+        resolve_crops(a, size)
+        assert (a.local_crops, tuple(a.global_scale)) == expected
+    a = get_args(["--dataset", "synthetic", "--local-crops", "2", "--out-dir", "/tmp/unused"])
+    resolve_crops(a, 32)
+    assert (a.local_crops, tuple(a.global_scale)) == (2, (0.4, 1.0))
+
+
 DINO_TINY = TINY + ["--out-dim", "64", "--local-crops", "2", "--warmup-teacher-temp-epochs", "1"]
 
 
 @pytest.mark.parametrize("arch,extra", [("resnet18", []), ("vit_tiny", ["--num-train", "64", "--batch-size", "32", "--eval-every", "0"])])
 def test_dino_end_to_end(tmp_path, arch, extra):
-    run("dino.py", *DINO_TINY, "--arch", arch, *extra, "--out-dir", tmp_path)
+    call("dino.py", *DINO_TINY, "--arch", arch, *extra, "--out-dir", tmp_path)
     rec = json.loads(open(tmp_path / "log.jsonl").readline())
     assert arch == "vit_tiny" or 0 <= rec["knn_top1"] <= 100
     assert 0 <= rec["teacher_entropy"] <= math.log(64) + 1e-6
     assert rec["kl_uniform"] == pytest.approx(math.log(64) - rec["teacher_entropy"], abs=1e-4)
-    run("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "2", "--device", "cpu", "--limit", "300")
+    call("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "2", "--device", "cpu", "--limit", "300")
     assert json.load(open(tmp_path / "last.eval.json"))["arch"] == arch
 
 
-@pytest.mark.parametrize("extra,flag", [(["--local-crops", "-1"], "--local-crops"), (["--out-dim", "0"], "--out-dim")])
+@pytest.mark.parametrize("extra,flag", [(["--local-crops", "-1"], "--local-crops"), (["--out-dim", "0"], "--out-dim"),
+                                        (["--head-layers", "0"], "--head-layers")])
 def test_bad_input(tmp_path, extra, flag, capsys):
     import dino
     assert flag in arg_error(dino, DINO_TINY + ["--out-dir", str(tmp_path), *extra], capsys)

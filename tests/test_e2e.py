@@ -1,14 +1,13 @@
 """End to end: each script runs on CPU on synthetic data, writes a checkpoint, eval reads it back;
 resume continues the same run; bad input stops with a one-line message."""
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
 import common
-from conftest import TINY, arg_error, run
+from conftest import TINY, arg_error, call, run
 
 SIMCLR_TINY = TINY + ["--proj-hidden", "64", "--proj-dim", "32"]
 
@@ -38,10 +37,10 @@ def test_resume_continues_the_same_run(tmp_path):
     # its epoch-1 checkpoint resumed in a fresh folder must end with identical weights.
     a, b = tmp_path / "a", tmp_path / "b"
     args = [a if x == "A" else x for x in SIMCLR_TINY] + ["--epochs", "2", "--eval-every", "0"]
-    run("simclr.py", *args, "--out-dir", a, "--save-every", "1")
+    call("simclr.py", *args, "--out-dir", a, "--save-every", "1")
     b.mkdir()
     shutil.copy(a / "epoch0001.pt", b / "last.pt")
-    run("simclr.py", *args, "--out-dir", b, "--resume")
+    call("simclr.py", *args, "--out-dir", b, "--resume")
     wa = torch.load(a / "last.pt", weights_only=True)
     wb = torch.load(b / "last.pt", weights_only=True)
     assert wb["epoch"] == 2
@@ -68,6 +67,25 @@ def test_bad_flags(tmp_path, extra, flag, capsys):
     assert flag in arg_error(simclr, SIMCLR_TINY + ["--out-dir", str(tmp_path), *extra], capsys)
 
 
+def test_tinyimagenet_runs_and_eval_uses_the_same_labels(tmp_path):
+    # one flag: --dataset tinyimagenet on the official layout (here a 3-class miniature), decoded at 16 px;
+    # eval_linear.py reads the same labels (sorted wnids) for its memory and val splits
+    from test_common import make_tiny_imagenet
+    make_tiny_imagenet(str(tmp_path / "data" / "tiny-imagenet-200"), per_class=8)
+    args = [a for a in SIMCLR_TINY if a not in ("--num-train", "256")]
+    args = args[:args.index("--dataset")] + args[args.index("--dataset") + 2:]
+    call("simclr.py", *args, "--dataset", "tinyimagenet", "--data-dir", tmp_path / "data", "--image-size", "16",
+        "--batch-size", "8", "--out-dir", tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["args"]["image_size"] == 16 and ck["args"]["dataset"] == "tinyimagenet"
+    call("eval_linear.py", "--checkpoint", tmp_path / "run" / "last.pt", "--probe-epochs", "2", "--device", "cpu")
+    res = json.load(open(tmp_path / "run" / "last.eval.json"))
+    assert res["dataset"] == "tinyimagenet" and 0 <= res["knn20_top1"] <= 100
+    p = run("simclr.py", *args, "--dataset", "tinyimagenet", "--data-dir", tmp_path / "nothing",
+            "--out-dir", tmp_path / "run2", check=False)  # offline: the download fails, then one line says where
+    assert_clean_error(p, "extract tiny-imagenet-200.zip")
+
+
 def test_corrupt_checkpoint_for_resume_and_eval(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"\x00garbage")
@@ -83,7 +101,7 @@ def test_simclr_learns_on_synthetic(tmp_path):
     # ~390 steps of SimCLR on the 5000 synthetic training images (ResNet-18, width 8, about 90 s on 2
     # cores). Measured when written: random init 25.6% kNN top-1 on the val split, trained 40.7%.
     # Asked for: at least 8 points above the random-init kNN of the same backbone (same seed).
-    run("simclr.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--batch-size", "128",
+    call("simclr.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--batch-size", "128",
         "--epochs", "10", "--warmup-epochs", "1", "--proj-hidden", "256", "--optimizer", "adamw", "--lr", "3e-3",
         "--wd", "1e-6", "--eval-every", "10", "--device", "cpu", "--out-dir", tmp_path)
     trained = json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["knn_top1"]

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, arg_error, run
+import entrec
+from conftest import TINY, arg_error, call
 from entrec import (discrete_entropy, discrete_reconstruction, log_vmf_normalizer, sphere_entropy,
                     sphere_reconstruction)
 
@@ -63,33 +64,68 @@ def test_log_normalizer_independent_values():
 
 
 def test_discrete_terms():
-    k = 6
+    k, eps = 6, 1e-7
     assert discrete_entropy(torch.full((4, k), 1 / k)).item() == pytest.approx(math.log(k))  # uniform: log K
     one = torch.zeros(5, k)
     one[:, 2] = 1
     assert discrete_entropy(one).item() == pytest.approx(0.0, abs=1e-7)  # all rows the same one-hot: 0
     assert discrete_entropy(torch.eye(k)[:4]).item() == pytest.approx(math.log(4))  # N <= K distinct one-hots: log N
-    assert discrete_reconstruction(torch.eye(k)[:4], torch.eye(k)[:4]).item() == pytest.approx(0.0, abs=1e-7)
-    # uniform vs uniform: H(u, u) = log K both ways
-    u = torch.full((3, k), 1 / k)
-    assert discrete_reconstruction(u, u).item() == pytest.approx(math.log(k))
+    # symmetric cross-entropy with the official eps inside the log, H(a, b) = -sum_k a_k log(b_k + eps):
+    # identical one-hots: -log(1 + eps) both ways; different one-hots: -log(0 + eps) = 16.118 both ways (the cap);
+    # uniform vs uniform: -log(1/K + eps)
+    eye = torch.eye(k, dtype=torch.float64)[:4]
+    assert discrete_reconstruction(eye, eye).item() == pytest.approx(-math.log(1 + eps), abs=1e-15)
+    assert discrete_reconstruction(eye, eye.roll(1, 1)).item() == pytest.approx(-math.log(eps), rel=1e-12)
+    assert -math.log(eps) == pytest.approx(16.118, abs=1e-3)
+    u = torch.full((3, k), 1 / k, dtype=torch.float64)
+    assert discrete_reconstruction(u, u).item() == pytest.approx(-math.log(1 / k + eps), rel=1e-12)
 
 
-ENTREC_TINY = TINY + ["--proj-hidden", "64", "--proj-dim", "32", "--out-dim", "64"]
+def test_discrete_reconstruction_is_symmetric_and_pairs_every_crop():
+    # entrec_loss for dino: teacher crops t0, t1 against student crops s0, s1, s2 without (0, 0), (1, 1):
+    # rec = [R(t0, s1) + R(t0, s2) + R(t1, s0) + R(t1, s2)] / 4 with the symmetric R; ent = mean of the two
+    # global student crops' batch entropies; loss = rec - ent.
+    import types
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    t = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+    args = types.SimpleNamespace(variant="dino", teacher_temp=0.07, warmup_teacher_temp=0.04,
+                                 warmup_teacher_temp_epochs=4, student_temp=0.1)
+    tau_t = 0.04 + 0.03 * 2 / 3  # epoch 2 of a 4-epoch linear warm-up from 0.04 to 0.07
+    p_t = [torch.softmax(x / tau_t, 1) for x in t]
+    p_s = [torch.softmax(x / 0.1, 1) for x in s]
+    assert discrete_reconstruction(p_t[0], p_s[1]).item() == pytest.approx(discrete_reconstruction(p_s[1], p_t[0]).item())
+    rec = sum(discrete_reconstruction(p_t[i], p_s[j]).item() for i, j in ((0, 1), (0, 2), (1, 0), (1, 2))) / 4
+    ent = (discrete_entropy(p_s[0]).item() + discrete_entropy(p_s[1]).item()) / 2
+    loss, e, r = entrec.entrec_loss(s, t, None, args, epoch=2)
+    assert (r.item(), e.item(), loss.item()) == pytest.approx((rec, ent, rec - ent), rel=1e-12)
 
 
-@pytest.mark.parametrize("variant,extra", [("simclr", []), ("byol", []), ("byol", ["--ema", "0"]),
-                                           ("dino", ["--entropy-estimator", "expectation"])])
+def tiny(variant):
+    extra = ["--out-dim", "64"] if variant == "dino" else []
+    return TINY + ["--proj-hidden", "64", "--proj-dim", "32", "--variant", variant] + extra
+
+
+@pytest.mark.parametrize("variant,extra", [("simclr", []), ("byol", ["--ema", "0"]),
+                                           ("dino", ["--local-crops", "2", "--warmup-teacher-temp-epochs", "1"])])
 def test_variants_end_to_end(tmp_path, variant, extra):
-    run("entrec.py", *ENTREC_TINY, "--variant", variant, *extra, "--out-dir", tmp_path)
+    call("entrec.py", *tiny(variant), *extra, "--out-dir", tmp_path)
     rec = json.loads(open(tmp_path / "log.jsonl").readline())
     assert rec["loss"] == pytest.approx(rec["reconstruction"] - rec["entropy"], rel=1e-6, abs=1e-6)
-    run("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "2", "--limit", "500")
+    if variant == "dino":  # DINO's head: weight-normalised prototypes on an L2-normalised bottleneck
+        sd = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+        assert sd["online.head.v"].shape == (64, 32) and "target.head.v" in sd
+        assert 0 <= rec["entropy"] <= math.log(64) + 1e-6
+    call("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "2", "--limit", "500")
 
 
-@pytest.mark.parametrize("extra,flag", [(["--kappa", "0"], "--kappa"), (["--kappa", "-2"], "--kappa"),
-                                        (["--variant", "moco"], "invalid choice"),
-                                        (["--entropy-estimator", "knn"], "invalid choice")])
-def test_bad_input(tmp_path, extra, flag, capsys):
-    import entrec
-    assert flag in arg_error(entrec, ENTREC_TINY + ["--out-dir", str(tmp_path), *extra], capsys)
+@pytest.mark.parametrize("variant,extra,words", [
+    ("byol", ["--kappa", "0"], ["--kappa"]), ("simclr", ["--kappa", "-2"], ["--kappa"]),
+    ("byol", ["--variant", "moco"], ["invalid choice"]), ("byol", ["--entropy-estimator", "knn"], ["invalid choice"]),
+    # a flag that the chosen variant would ignore is an error, not silence
+    ("simclr", ["--ema", "0.9"], ["--ema does nothing", "simclr"]), ("byol", ["--out-dim", "64"], ["--out-dim"]),
+    ("dino", ["--kappa", "5"], ["--kappa does nothing"]), ("byol", ["--local-crops", "2"], ["--local-crops"]),
+    ("dino", ["--entropy-estimator", "average"], ["favours collapse"])])
+def test_bad_input(tmp_path, variant, extra, words, capsys):
+    msg = arg_error(entrec, tiny(variant) + ["--out-dir", str(tmp_path), *extra], capsys)
+    assert all(w in msg for w in words), msg

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, arg_error, run
-from mmae import mae_loss, patchify, random_masking, square_reg, tcr, unpatchify
+from conftest import TINY, arg_error, call, run
+from mmae import mae_loss, patchify, random_masking, sincos_pos_embed, square_reg, tcr, unpatchify
 
 
 def orthonormal(b, d, seed=0):
@@ -86,19 +86,37 @@ def test_mae_loss_zero_on_target_and_ignores_visible():
     assert mae_loss(target + 1.0, target, mask, norm_pix=False).item() == pytest.approx(1.0, rel=1e-6)
 
 
+def test_sincos_position_embedding():
+    # D = 16, grid 4: w_k = 10000^(-k/4), k = 0..3. Token r*4 + c holds [sin(c w), cos(c w), sin(r w), cos(r w)], so
+    # for any two tokens PE . PE' = sum_k cos((c - c') w_k) + sum_k cos((r - r') w_k) (sin a sin b + cos a cos b =
+    # cos(a - b)); the CLS slot is 0. Token (0, 1) is [sin w, cos w, 0, 1] with w = (1, 0.1, 0.01, 0.001).
+    pe = sincos_pos_embed(16, 4)[0].double()
+    assert pe.shape == (17, 16) and not pe[0].any()
+    w = torch.tensor([1.0, 0.1, 0.01, 0.001], dtype=torch.float64)
+    assert torch.allclose(pe[1 + 1], torch.cat([w.sin(), w.cos(), torch.zeros(4), torch.ones(4)]).double(), atol=1e-7)
+    rc = [(i // 4, i % 4) for i in range(16)]
+    expected = torch.tensor([[(torch.cos((c - c2) * w) + torch.cos((r - r2) * w)).sum().item() for r2, c2 in rc]
+                             for r, c in rc], dtype=torch.float64)
+    assert torch.allclose(pe[1:] @ pe[1:].T, expected, atol=1e-6)
+
+
 MMAE_TINY = [("vit_tiny" if a == "resnet18" else "128" if a == "256" else a) for a in TINY] + [
     "--decoder-depth", "1", "--decoder-dim", "64"]
 
 
 def test_lam_zero_is_mae_and_end_to_end(tmp_path):
-    run("mmae.py", *MMAE_TINY, "--lam", "0", "--out-dir", tmp_path / "mae", "--eval-every", "0")
+    call("mmae.py", *MMAE_TINY, "--lam", "0", "--out-dir", tmp_path / "mae", "--eval-every", "0")
     rec = json.loads(open(tmp_path / "mae" / "log.jsonl").readline())
     assert rec["loss"] == rec["recon"]  # lambda = 0: the objective is the MAE loss exactly
-    run("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean", "--eval-every", "0")
+    call("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean", "--eval-every", "0")
     rec = json.loads(open(tmp_path / "mmae" / "log.jsonl").readline())
     assert rec["loss"] < rec["recon"] and rec["tcr"] > 0 and 1 <= rec["effective_rank"] <= 64
     assert (tmp_path / "mmae" / "recon_0001.png").stat().st_size > 0
-    run("eval_linear.py", "--checkpoint", tmp_path / "mmae" / "last.pt", "--probe-epochs", "2", "--limit", "200")
+    # the fixed sine-cosine position embeddings are frozen: after training they are still exactly the formula
+    ck = torch.load(tmp_path / "mmae" / "last.pt", weights_only=True)
+    assert torch.equal(ck["backbone"]["encoder.pos_embedding"], sincos_pos_embed(192, 8))
+    assert torch.equal(ck["model"]["decoder_pos"], sincos_pos_embed(64, 8))
+    call("eval_linear.py", "--checkpoint", tmp_path / "mmae" / "last.pt", "--probe-epochs", "2", "--limit", "200")
     assert json.load(open(tmp_path / "mmae" / "last.eval.json"))["feature_dim"] == 192
 
 

@@ -1,0 +1,154 @@
+"""Real-image evidence (a script, not a test): train every method with one budget on a folder of real photographs,
+evaluate each checkpoint with eval_linear.py, and print one markdown table (kNN k=20 / k=200, linear top-1, train
+seconds) with the random-init floor of each backbone, measured by the same evaluation.
+
+    python tests/real_images.py                                   # tin100-32, CPU-sized budget (hours on 2 cores)
+    python tests/real_images.py --num-train 0 --width 64 --epochs 100 --batch-size 256   # full data, GPU
+    python tests/real_images.py --runs "hydes kappa 10=hydes.py --kappa 10" "MAE=mmae.py --lam 0"
+
+Default data: ../shared/data/tin100-32.zip (100 Tiny-ImageNet classes at 32 px, 50k/5k), unzipped once into
+data/tin100. Every run keeps its folder under --out; a finished run is not trained again, an interrupted one
+continues with --resume, so the script can be stopped and started again. The table is also written to
+OUT/table.md.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import zipfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+METHODS = {"SimCLR": "simclr.py", "DINO": "dino.py", "HyDeS": "hydes.py", "EntRec (byol)": "entrec.py",
+           "M-MAE": "mmae.py"}
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--zip", default=os.path.join(ROOT, "..", "shared", "data", "tin100-32.zip"),
+                   help="ImageFolder zip (train/<class>/*, val/<class>/*), unzipped into --data-dir if that is empty")
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "tin100"))
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-train", type=int, default=5000, help="fixed random subset of the training images (0: all)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--warmup-epochs", type=float, default=2)
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 width (64: the standard network)")
+    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--eval-limit", type=int, default=10000,
+                   help="kNN memory and probe training set: a fixed random subset of N labelled training images "
+                        "(0: all); the val split is used whole up to N")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    p.add_argument("--runs", nargs="*", default=[], help='extra rows, "NAME=script.py --flag value ..."')
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "real"))
+    return p.parse_args()
+
+
+def prepare_data(args):
+    if os.path.isdir(os.path.join(args.data_dir, "train")):
+        return
+    if not os.path.isfile(args.zip):
+        sys.exit(f"error: no data: {args.data_dir}/train does not exist and {args.zip} is not a file (see --zip)")
+    print(f"unzipping {args.zip} into {args.data_dir}", flush=True)
+    zipfile.ZipFile(args.zip).extractall(args.data_dir)
+
+
+def hardware(device):
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, bf16 autocast"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), fp32"
+
+
+def budget_flags(args):
+    return ["--dataset", "folder", "--data-dir", args.data_dir, "--image-size", str(args.image_size),
+            "--num-train", str(args.num_train), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--warmup-epochs", str(args.warmup_epochs), "--width", str(args.width), "--eval-every", "0",
+            "--device", args.device]
+
+
+def random_init_checkpoint(path, arch, args):
+    """The floor: a backbone at the initialisation a training run with --seed 0 starts from, saved as a checkpoint
+    so that it goes through exactly the same evaluation."""
+    torch.manual_seed(0)
+    backbone, _ = common.build_backbone(arch, args.image_size, args.width)
+    saved = {"method": "random-init", "arch": arch, "width": args.width, "dataset": "folder", "data_dir": args.data_dir,
+             "image_size": args.image_size, "seed": 0, "pool": "cls", "patch_size": None}
+    common.save_checkpoint(path, {"args": saved, "epoch": 0, "backbone": backbone.state_dict()})
+
+
+def run(cmd, log):
+    with open(log, "a") as f:
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed (exit {p.returncode}); see {log}")
+
+
+def train_and_eval(name, script_flags, args):
+    """-> row dict. Trains (or continues) the run in OUT/<name>, evaluates it once."""
+    folder = os.path.join(args.out, name.replace(" ", "_").replace("/", "_").replace("(", "").replace(")", ""))
+    os.makedirs(folder, exist_ok=True)
+    ck, ev, timing = (os.path.join(folder, f) for f in ("last.pt", "last.eval.json", "train_seconds.json"))
+    script, *flags = shlex.split(script_flags)
+    if script == "random-init":
+        if not os.path.isfile(ck):
+            random_init_checkpoint(ck, flags[0], args)
+        seconds = 0.0
+    else:
+        done = os.path.isfile(ck) and torch.load(ck, map_location="cpu", weights_only=True)["epoch"] >= args.epochs
+        seconds = json.load(open(timing))["seconds"] if os.path.isfile(timing) else 0.0
+        if not done:
+            print(f"training {name}: {script} {' '.join(flags)}", flush=True)
+            t = time.time()
+            run([script, *budget_flags(args), *flags, "--out-dir", folder] + (["--resume"] if os.path.isfile(ck) else []),
+                os.path.join(folder, "train.log"))
+            seconds += time.time() - t
+            json.dump({"seconds": seconds}, open(timing, "w"))
+            if os.path.isfile(ev):
+                os.remove(ev)
+    if not os.path.isfile(ev):
+        print(f"evaluating {name}", flush=True)
+        limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+        run(["eval_linear.py", "--checkpoint", ck, "--probe-epochs", str(args.probe_epochs), "--device", args.device,
+             *limit],
+            os.path.join(folder, "eval.log"))
+    res = json.load(open(ev))
+    return {"run": name, "arch": res["arch"], "knn20": res["knn20_top1"], "knn200": res["knn200_top1"],
+            "linear": res["linear_top1"], "seconds": seconds}
+
+
+def main():
+    args = get_args()
+    prepare_data(args)
+    runs = [("random init, ResNet-18", "random-init resnet18")]
+    runs += [(m, METHODS[m] + (" --arch vit_tiny" if m == "M-MAE" else "")) for m in args.methods]
+    if "M-MAE" in args.methods:
+        runs.insert(1, ("random init, ViT-Tiny/4", "random-init vit_tiny"))
+    runs += [tuple(r.split("=", 1)) for r in args.runs]
+    rows = [train_and_eval(name, flags, args) for name, flags in runs]
+    n = args.num_train or "all"
+    header = (f"Data: {os.path.basename(args.data_dir)} at {args.image_size} px, {n} training images, full val split. "
+              f"Budget: {args.epochs} epochs, batch {args.batch_size}, {args.warmup_epochs} warm-up epochs, ResNet-18 "
+              f"width {args.width} (M-MAE: ViT-Tiny/4), each method's defaults otherwise. Hardware: "
+              f"{hardware(args.device)}. kNN memory and linear probe ({args.probe_epochs} epochs, frozen features): "
+              f"{args.eval_limit or 'all'} labelled training images.")
+    lines = [header, "", "| run | backbone | kNN k=20 | kNN k=200 | linear top-1 | train s |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['arch']} | {r['knn20']:.2f} | {r['knn200']:.2f} | {r['linear']:.2f} | "
+                     f"{r['seconds']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
