@@ -99,10 +99,10 @@ def get_args(argv=None):
     # 1e-4), ViT adamw 5e-4 and 0.04 cosine to 0.4 (paper)
     p.set_defaults(method="dino", lr=None, wd=None, batch_size=256, epochs=100)
     args = p.parse_args(argv)
-    recipe = RECIPES["vit" if args.arch.startswith("vit") else "resnet"]
-    if args.optimizer is not None and args.optimizer != recipe["optimizer"]:  # the other optimiser: its own lr and wd
-        recipe = RECIPES["vit" if args.optimizer == "adamw" else "resnet"] | {
-            k: recipe[k] for k in recipe if k not in ("optimizer", "lr", "wd", "wd_end")}
+    recipe = dict(RECIPES["vit" if args.arch.startswith("vit") else "resnet"])
+    if args.optimizer is not None:  # an explicit optimiser brings its own lr and weight decay
+        chosen = RECIPES["vit" if args.optimizer == "adamw" else "resnet"]
+        recipe.update({k: chosen[k] for k in ("optimizer", "lr", "wd", "wd_end")})
     for name, value in recipe.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
