@@ -5,8 +5,10 @@ a uint8 tensor (N, 3, H, W) that sits on the training device; augmentation runs 
 on that device, so a GPU run is never waiting for per-image CPU work.
 """
 import argparse
+import collections
 import contextlib
 import functools
+import glob
 import json
 import math
 import os
@@ -42,79 +44,131 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_common_args(p):
-    a = p.add_argument
+def number(kind=float, lo=None, hi=None, open_lo=False, open_hi=False):
+    """argparse type: a finite int or float within [lo, hi] (an open end with open_lo / open_hi)."""
+    rng = " and ".join([f"{'>' if open_lo else '>='} {lo}"] * (lo is not None) + [f"{'<' if open_hi else '<='} {hi}"] * (hi is not None))
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+        if not math.isfinite(x) or (lo is not None and (x <= lo if open_lo else x < lo)) or (
+                hi is not None and (x >= hi if open_hi else x > hi)):
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + rng if rng else ''}, got {text}")
+        return x
+    return parse
+
+
+POSITIVE, NONNEG, FRACTION = number(float, 0, open_lo=True), number(float, 0), number(float, 0, 1)
+COUNT, NONNEG_INT = number(int, 1), number(int, 0)
+SCALE = number(float, 0, 1, open_lo=True)  # a crop's area fraction
+
+
+def add_common_args(p, lr_batch=256, recipe=None):
+    """The flags every method file shares. lr_batch: the batch size --lr is given for (the run scales it linearly);
+    recipe: where --optimizer, --lr and --wd get their defaults when they are resolved later."""
+    p.allow_abbrev = False  # --resume compares the flags given by name
+    a, later = p.add_argument, f" (default: {recipe})" if recipe else ""
     a("--dataset", default="cifar10", choices=DATASETS, help="pretraining data; 'synthetic' needs no download")
     a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*; "
       "tinyimagenet: DATA_DIR/tiny-imagenet-200/)")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download torchvision datasets if missing")
-    a("--image-size", type=int, default=None,
-      help="folder/tinyimagenet: decode to this size (default: tinyimagenet 64; folder the images' own size up to 64)")
+    a("--image-size", type=number(int, 8), default=None, help="folder/tinyimagenet: decode to this size (default: "
+      "tinyimagenet 64; folder the images' most common size, at most 64)")
     a("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip files that cannot be decoded")
-    a("--num-train", type=int, default=None, help="train on a fixed random subset of N images (quick runs)")
+    a("--num-train", type=COUNT, default=None, help="train on a fixed random subset of N images (quick runs)")
     a("--arch", default="resnet18", choices=ARCHS, help="backbone; CIFAR stem for ResNets on <=64 px")
-    a("--width", type=int, default=64, help="ResNet base width (64 = standard); 16 makes a CPU-sized net")
-    a("--epochs", type=int, default=200, help="training epochs")
-    a("--batch-size", type=int, default=256, help="global batch size (split across ranks under torchrun)")
-    a("--lr", type=float, default=1e-3, help="base learning rate")
-    a("--wd", type=float, default=1e-6, help="weight decay (not applied to biases and norm layers)")
-    a("--warmup-epochs", type=float, default=10, help="linear lr warm-up before the cosine decay")
+    a("--width", type=COUNT, default=64, help="ResNet base width (64 = standard); 16 makes a CPU-sized net")
+    a("--epochs", type=COUNT, default=200, help="training epochs")
+    a("--batch-size", type=number(int, 2), default=256, help="global batch size, split across ranks under torchrun")
+    a("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw" + later)
+    a("--lr", type=POSITIVE, help=f"learning rate for a batch of {lr_batch}; the run uses lr x batch-size / {lr_batch}"
+      + later)
+    a("--wd", type=NONNEG, help="weight decay, on weights only (not biases and norm layers)" + later)
+    a("--warmup-epochs", type=NONNEG, default=10, help="linear lr warm-up before the cosine decay")
+    a("--global-scale", type=SCALE, nargs=2, metavar=("LO", "HI"), help="area range of the (global) crops")
     a("--seed", type=int, default=0, help="random seed (runs are deterministic on CPU)")
-    a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<arch>)")
-    a("--resume", nargs="?", const="auto", default=None, help="resume from PATH, or from OUT_DIR/last.pt if no path")
-    a("--save-every", type=int, default=0, help="also keep a copy of the checkpoint every K epochs (0: only last.pt)")
-    a("--eval-every", type=int, default=10, help="weighted-kNN monitor on the held-out split every K epochs (0: off)")
+    a("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<arch>, or that name with -2, -3, "
+      "... when it holds another run); an --out-dir that holds a run is only continued, with --resume")
+    a("--resume", nargs="?", const="auto", default=None, help="continue a run: from PATH, or from --out-dir's last.pt, "
+      "or from the newest runs/<method>-<dataset>-<arch>*; flags not given take the checkpoint's values")
+    a("--save-every", type=NONNEG_INT, default=0, help="also keep a copy of the checkpoint every K epochs (0: only last.pt)")
+    a("--eval-every", type=NONNEG_INT, default=10, help="weighted-kNN monitor on the held-out split every K epochs (0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
-    a("--aug", default="batched", choices=("batched", "pil"),
-      help="batched tensor augmentation on the device, or the per-image PIL torchvision reference pipeline")
     a("--compile", action="store_true", help="torch.compile the model in place (CUDA; slower start, faster steps)")
-    return p
+    p.set_defaults(lr_batch=lr_batch)
 
 
-def add_crop_args(p, global_crops=2, local_crops=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), notes=None):
-    """Crop-count and crop-scale flags; `notes` replaces a flag's "(default ...)" text (a default resolved later)."""
-    notes = notes or {}
-    a = p.add_argument
-    a("--global-crops", type=int, default=global_crops, help=f"large crops per image (default {global_crops})")
-    a("--local-crops", type=int, default=local_crops,
-      help=f"small crops per image ({notes.get('local_crops', f'default {local_crops}')})")
-    a("--global-scale", type=float, nargs=2, default=global_scale,
-      help=f"area range of large crops ({notes.get('global_scale', f'default {global_scale}')})")
-    a("--local-scale", type=float, nargs=2, default=local_scale, help=f"area range of small crops {local_scale}")
+def add_crop_args(p):
+    """Multi-crop flags; each method sets their defaults (p.set_defaults)."""
+    p.add_argument("--global-crops", type=COUNT, help="large crops per image")
+    p.add_argument("--local-crops", type=NONNEG_INT, help="small crops (half the image side) per image")
+    p.add_argument("--local-scale", type=SCALE, nargs=2, default=(0.05, 0.4), metavar=("LO", "HI"),
+                   help="area range of the small crops")
 
 
-def check_args(args):
-    for name in ("epochs", "batch_size", "width"):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        die(f"--lr must be > 0, got {args.lr}")
-    if hasattr(args, "global_crops"):
-        if args.global_crops < 1 or (args.local_crops or 0) < 0:  # None: resolved from the image size later
-            die(f"need --global-crops >= 1 and --local-crops >= 0, got {args.global_crops} and {args.local_crops}")
-        for lo, hi in (r for r in (args.global_scale, args.local_scale) if r is not None):
-            if not 0 < lo <= hi <= 1:
-                die(f"crop scale ranges need 0 < lo <= hi <= 1, got {lo} {hi}")
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    if args.resume:  # read it now: a missing or corrupt file stops the run before minutes of data loading
-        load_checkpoint(resume_path(args))
+# run settings a resumed run may change; every other saved value must stay as it was
+FREE = {"resume", "out_dir", "epochs", "device", "amp", "compile", "data_dir", "download", "skip_bad_images",
+        "eval_every", "save_every"}
+
+
+def parse(p, argv=None):
+    """Parse and check the flags, then choose the run folder. A new run never writes into a folder that holds another
+    run. With --resume, flags not given take the checkpoint's values (resolved ones too: decode size, recipe,
+    normalisation), a given flag that differs from the checkpoint is an error, and --epochs may grow."""
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
+    args = p.parse_args(argv)
+    given = {a.dest for a in p._actions for o in a.option_strings if any(x == o or x.startswith(o + "=") for x in argv)}
+    for name in ("global_scale", "local_scale"):
+        r = getattr(args, name, None)
+        if r is not None and r[0] > r[1]:
+            die(f"--{name.replace('_', '-')} needs LO <= HI, got {r[0]} {r[1]}")
+    try:
+        torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
+    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    if not args.resume:
+        if args.out_dir is None:
+            args.out_dir = next(d for d in [default] + [f"{default}-{k}" for k in range(2, 10**6)] if not holds_run(d))
+        elif holds_run(args.out_dir):
+            die(f"--out-dir {args.out_dir} holds another run: continue it with --resume, or choose a new --out-dir")
+        return args
+    if args.resume == "auto":
+        runs = [args.out_dir] if args.out_dir else glob.glob(default) + glob.glob(default + "-[0-9]*")
+        runs = [d for d in runs if os.path.isfile(os.path.join(d, "last.pt"))]
+        if not runs:
+            die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
+        args.resume = os.path.join(max(runs, key=lambda d: os.path.getmtime(os.path.join(d, "last.pt"))), "last.pt")
+    args.out_dir = args.out_dir or os.path.dirname(args.resume) or "."
+    ck = load_checkpoint(args.resume)
+    saved, differ = ck["args"], []
+    if saved.get("method") != args.method:
+        die(f"{args.resume} is a {saved.get('method')} checkpoint, not {args.method}")
+    for k, v in saved.items():
+        if k in given and k != "epochs" and k not in FREE and json.dumps(getattr(args, k)) != json.dumps(v):
+            differ.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})")
+        elif k not in given and k not in FREE - {"epochs"}:
+            setattr(args, k, v)
+    if differ:
+        die(f"--resume {args.resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
+    if ck["epoch"] >= args.epochs:
+        print(f"{args.resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger --epochs "
+              f"to train on)", file=sys.stderr)
+        raise SystemExit(0)
+    return args
+
+
+def holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "log.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: every split becomes uint8 (N, 3, H, W) + int64 labels (-1 = unlabelled)
 # ----------------------------------------------------------------------------------------------
-class ImageTensors(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
+Split = collections.namedtuple("Split", "images labels")  # uint8 (N, 3, H, W), int64 (N,)
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half-disk", "two-dots", "frame")
 
@@ -163,30 +217,35 @@ def synthetic(n, seed, size=32):
     shade = 0.25 * (u(n, 1, 1, 1) - 0.5) * (gx + gy - 1)  # a random linear gradient over the image
     img = mask * fg + (1 - mask) * (bg + shade)
     img = F.avg_pool2d(img, 2) + 0.04 * torch.randn(n, 3, size, size, generator=g)
-    return ImageTensors((img.clamp(0, 1) * 255).round().to(torch.uint8), y)
+    return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), y)
 
 
-def _torchvision_split(name, root, split, download):
-    tv = torchvision.datasets
-    if name == "stl10":
-        split = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]
-        ds = tv.STL10(root, split=split, download=download)
-        return ImageTensors(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
-    cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
-    ds = cls(root, train=split != "val", download=download)
-    return ImageTensors(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets))
+def _images_in(folder, seen):
+    """Image files under `folder`, sorted; other files are ignored, as ImageFolder does. Symbolic links are followed,
+    but no real folder is entered twice (`seen`: real paths, shared by all classes of a split), so a link loop
+    cannot hang and a link to another class's folder cannot relabel its images."""
+    found = []
+    for d, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(s for s in subdirs if os.path.realpath(os.path.join(d, s)) not in seen)
+        seen.update(os.path.realpath(os.path.join(d, s)) for s in subdirs)
+        found += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
+    return found
 
 
-def _images_in(folder):
-    """Image files under `folder` (recursively, sorted); other files are ignored, as ImageFolder does."""
-    ext = torchvision.datasets.folder.IMG_EXTENSIONS
-    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
-            for f in sorted(files) if f.lower().endswith(ext)]
+def _rgb(im):
+    """PIL image -> RGB. 16-bit and float images (modes I;16, I, F) are scaled from their value range (I;16: 65535;
+    I, F: the smallest of 1, 255, 65535 that holds the maximum), where PIL's own conversion clips them to white."""
+    from PIL import Image
+    if im.mode[0] not in "IF":
+        return im.convert("RGB")  # grayscale, palette, RGBA, CMYK, ...
+    a = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") else next((t for t in (1.0, 255.0, 65535.0) if a.max() <= t), a.max())
+    return Image.fromarray((a * 255 / top).clip(0, 255).round().astype(np.uint8)).convert("RGB")
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """File i -> (uint8 (3, S, S) RGB, shorter side S resized then centre-cropped; ok flag). A file PIL cannot
-    read gives zeros and ok = False, so one bad file never ends a run from inside a DataLoader worker."""
+    """File i -> (uint8 (3, S, S) RGB, shorter side resized to S then centre-cropped; status 0 ok, 1 unreadable,
+    2 too large; its shorter side). A bad file never ends a run from inside a DataLoader worker."""
 
     def __init__(self, files, size):
         tf = torchvision.transforms
@@ -200,37 +259,42 @@ class _Decoded(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.files[i]) as im:
-                return self.tf(im.convert("RGB")), True  # grayscale, palette, RGBA, CMYK -> RGB
+                return self.tf(_rgb(im)), 0, min(im.size)
+        except Image.DecompressionBombError:
+            status = 2
         except Exception:  # UnidentifiedImageError, truncated file (OSError), missing file, ...
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+            status = 1
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), status, 0
 
 
 def _decode(files, labels, size, skip_bad, where):
-    """Decode image files once (parallel workers) into ImageTensors; undecodable files are an error or skipped."""
+    """Decode image files once (parallel workers) into ImageTensors at size px; undecodable files are an error or
+    skipped; the size and the count of resized images are printed."""
     if not files:
         die(f"no image files found under {where}")
+    if not size:  # the most common shorter side among (up to 1000 evenly spaced) files, at most 64 px
+        from PIL import Image
+        sides = collections.Counter()
+        for f in files[:: max(1, len(files) // 1000)]:
+            with contextlib.suppress(Exception), Image.open(f) as im:
+                sides[min(im.size)] += 1
+        size = min(64, sides.most_common(1)[0][0]) if sides else 64
     loader = torch.utils.data.DataLoader(_Decoded(files, size), batch_size=256, num_workers=min(8, os.cpu_count() or 1))
-    xs, oks = zip(*tqdm(loader, desc=f"decoding {where}", leave=False))
-    x, ok, y = torch.cat(xs), torch.cat(oks), torch.as_tensor(labels)
-    if not ok.all():
-        bad = [files[i] for i in (~ok).nonzero().flatten().tolist()]
-        if not skip_bad:
-            die(f"{len(bad)} of {len(files)} files under {where} cannot be read as images (first: {bad[0]}); "
-                f"remove them, or pass --skip-bad-images to train without them")
-        print(f"warning: skipped {len(bad)} of {len(files)} files under {where} that cannot be read as images "
-              f"(first: {bad[0]})", file=sys.stderr)
-    return ImageTensors(x[ok], y[ok])
-
-
-def _first_image_side(files):
-    from PIL import Image
-    for f in files[:20]:
-        try:
-            with Image.open(f) as im:
-                return min(im.size)
-        except Exception:
-            continue
-    return 64
+    xs, status, sides = zip(*tqdm(loader, desc=f"decoding {where}", leave=False))
+    x, status, sides, y = torch.cat(xs), torch.cat(status), torch.cat(sides), torch.as_tensor(labels)
+    for code, what in ((2, "are too large to decode (over PIL's limit of ~179 million pixels)"),
+                       (1, "cannot be read as images")):
+        bad = [files[i] for i in (status == code).nonzero().flatten().tolist()]
+        if bad and not skip_bad:
+            die(f"{len(bad)} of {len(files)} files under {where} {what} (first: {bad[0]}); remove them, or pass "
+                f"--skip-bad-images to train without them")
+        if bad:
+            print(f"warning: skipped {len(bad)} of {len(files)} files under {where} that {what} (first: {bad[0]})",
+                  file=sys.stderr)
+    ok = status == 0
+    print(f"decoded {int(ok.sum())} images under {where} at {size} px ({int((sides[ok] != size).sum())} resized)",
+          file=sys.stderr)
+    return Split(x[ok], y[ok])
 
 
 def _folder_split(root, split, size, skip_bad):
@@ -244,14 +308,16 @@ def _folder_split(root, split, size, skip_bad):
     if not classes:
         die(f"--dataset folder: no class sub-folders in {train}")
     index = {c: i for i, c in enumerate(classes)}
+    found = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    seen = {os.path.realpath(os.path.join(path, c)) for c in found}
     files, labels = [], []
-    for c in sorted(e.name for e in os.scandir(path) if e.is_dir()):
+    for c in found:
         if c not in index:
             die(f"class folder '{c}' of {path} is not a class of {train}: val classes are matched to train classes "
                 f"by folder name")
-        found = _images_in(os.path.join(path, c))
-        files, labels = files + found, labels + [index[c]] * len(found)
-    return _decode(files, labels, size or min(64, _first_image_side(files)), skip_bad, path)
+        images = _images_in(os.path.join(path, c), seen)
+        files, labels = files + images, labels + [index[c]] * len(images)
+    return _decode(files, labels, size, skip_bad, path)
 
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -284,7 +350,7 @@ def _tinyimagenet_split(data_dir, split, size, skip_bad, download):
             labels.append(index[wnid])
     else:
         for w in wnids:
-            found = _images_in(os.path.join(root, "train", w))
+            found = _images_in(os.path.join(root, "train", w), set())
             files, labels = files + found, labels + [index[w]] * len(found)
     return _decode(files, labels, size or 64, skip_bad, os.path.join(root, "val" if split == "val" else "train"))
 
@@ -300,7 +366,13 @@ def get_dataset(name, data_dir="./data", split="train", download=True, image_siz
     if name == "tinyimagenet":
         return _tinyimagenet_split(data_dir, split, image_size, skip_bad, download)
     try:
-        return _torchvision_split(name, data_dir, split, download)
+        if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
+            ds = torchvision.datasets.STL10(data_dir, {"train": "train+unlabeled", "memory": "train", "val": "test"}[split],
+                                            download=download)
+            return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
+        ds = (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
+            data_dir, train=split != "val", download=download)
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets))
     except Exception as e:  # torchvision raises RuntimeError (missing) or URLError/OSError (offline)
         how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
         die(f"{name} {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put the torchvision "
@@ -311,39 +383,39 @@ def get_dataset(name, data_dir="./data", split="train", download=True, image_siz
 def subset(data, n, seed=0):
     """A fixed random subset of n items, kept in their original order (folders are sorted by class: a prefix
     would hold only the first classes). The same n gives the same subset for every method and --seed."""
-    if not n or n >= len(data):
+    if not n or n >= len(data.images):
         return data
-    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ImageTensors(data.images[keep], data.labels[keep])
+    keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Split(data.images[keep], data.labels[keep])
+
+
 
 
 def load_data(args, device):
-    """Pretraining images on `device` plus the labelled kNN memory/query splits (kept on CPU)."""
+    """Pretraining images on `device`, the labelled kNN memory / query splits (kept on CPU) and the per-channel
+    (mean, std) of up to 10k pretraining images. The decode size and the statistics are saved in args (and so in
+    the checkpoint): evaluation and resume reuse them instead of guessing."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
               skip_bad=args.skip_bad_images)
     train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
-    args.image_size = kw["image_size"] = train.images.shape[-1]  # saved with the run: eval decodes at this size
+    args.image_size = kw["image_size"] = train.images.shape[-1]
     memory = train if args.dataset in ("synthetic", "folder", "tinyimagenet") else get_dataset(args.dataset, split="memory", **kw)
     val = get_dataset(args.dataset, split="val", **kw)
-    # per-channel statistics of (up to 10k evenly spaced) pretraining images, used to normalise every view
-    x = train.images[:: max(1, len(train) // 10000)].float() / 255
-    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
-    return train.images.to(device), memory, val, (mean, std)
+    if getattr(args, "mean", None) is None:
+        x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
+        args.mean, args.std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    return train.images.to(device), memory, val, (torch.tensor(args.mean), torch.tensor(args.std))
 
 
-def batches(images, batch_size, epoch, seed, desc):
+def batches(images, batch_size, epoch, seed):
     """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact.
-
-    Under torchrun each rank takes its slice of the same global batch (batch_size is the global size).
-    """
+    Under torchrun each rank takes its slice of the same global batch (batch_size is the global size)."""
     world, rank = world_rank()
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(len(images), generator=g).to(images.device)
-    steps = len(images) // batch_size
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(images.device)
+    steps, local = len(images) // batch_size, batch_size // world
     if steps == 0:
         die(f"--batch-size {batch_size} is larger than the {len(images)} training images")
-    local = batch_size // world
-    for s in tqdm(range(steps), desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
+    for s in tqdm(range(steps), desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True):
         yield images[perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local]]
 
 
@@ -415,35 +487,21 @@ def gaussian_blur(x, g, sigma=(0.1, 2.0)):
 
 
 class MultiCrop:
-    """uint8 (B, 3, H, W) batch -> list of normalised float views: `n_global` crops of `global_size`,
-    then `n_local` crops of global_size // 2. Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2),
-    flip; for >= 64 px images DINO's blur (global 1.0 / 0.1, local 0.5) and solarise (2nd global, 0.2)."""
+    """uint8 (B, 3, H, W) batch -> list of normalised float views: `n_global` crops of the image size, then `n_local`
+    crops of half that side. Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px images
+    DINO's blur (p 1.0 / 0.1 on the global crops, 0.5 local) and solarisation (p 0.2, second global crop).
+    color=False: crop + flip only (MAE). The per-image PIL pipeline it replaces is in tests/scripts/benchmark.py."""
 
-    def __init__(self, image_size, mean, std, n_global=2, n_local=0, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4), color=True, backend="batched"):
-        self.gsize, self.lsize = image_size, max(image_size // 2, 8)
-        self.n_global, self.n_local = n_global, n_local
-        self.gscale, self.lscale = tuple(global_scale), tuple(local_scale)
-        self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-        self.big, self.color = image_size >= 64, color  # color=False: crop + flip only (MAE)
-        if backend == "pil":  # the reference: torchvision transforms, image by image, on the CPU
-            self.pil = [self.pil_chain(self.gsize, self.gscale, (1.0, 0.1)[i % 2], (0.0, 0.2)[i % 2])
-                        for i in range(n_global)] + [self.pil_chain(self.lsize, self.lscale, 0.5, 0.0)] * n_local
-        else:
-            self.pil = None
-
-    def pil_chain(self, size, scale, blur_p, solarize_p):
-        T = torchvision.transforms
-        ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip()]
-        if self.color:
-            ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
-        if self.color and self.big:
-            ops += [T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, (0.1, 2.0))], p=blur_p),
-                    T.RandomSolarize(128, p=solarize_p)]
-        return T.Compose(ops + [T.ToTensor(), T.Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist())])
+    def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                 color=True):
+        self.groups = [(n_global, image_size, tuple(global_scale), [(1.0, 0.1)[i % 2] for i in range(n_global)],
+                        [(0.0, 0.2)[i % 2] for i in range(n_global)]),  # (count, side, scale, blur p, solarise p)
+                       (n_local, max(image_size // 2, 8), tuple(local_scale), [0.5] * n_local, [0.0] * n_local)]
+        self.mean, self.std = stats[0].view(1, 3, 1, 1), stats[1].view(1, 3, 1, 1)
+        self.big, self.color = image_size >= 64, color
 
     def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
-        """One crop per row of x; blur_p / solarize_p are scalars or per-row (B, 1, 1, 1) tensors."""
+        """One crop per row of x (float in [0, 1]); blur_p / solarize_p are scalars or per-row (B, 1, 1, 1)."""
         B, dev = x.shape[0], x.device
         coin = lambda p: torch.rand(B, 1, 1, 1, generator=g, device=dev) < p  # noqa: E731
         v = random_resized_crop(x, size, scale, g).clamp(0, 1)
@@ -457,29 +515,22 @@ class MultiCrop:
         return v.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else v
 
     def __call__(self, x, g):
-        """uint8 (B, 3, H, W) on the device -> list of n_global + n_local normalised views (B, 3, s, s)."""
-        if self.pil is not None:  # uses torch's global RNG, not g
-            from PIL import Image
-            pils = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
-            return [torch.stack([tf(p) for p in pils]).to(x.device) for tf in self.pil]
-        x, ng, nl = x.float() / 255, self.n_global, self.n_local
-        views = self.crops(x, ng, self.gsize, self.gscale, g, [(1.0, 0.1)[i % 2] for i in range(ng)],
-                           [(0.0, 0.2)[i % 2] for i in range(ng)])
-        return views + self.crops(x, nl, self.lsize, self.lscale, g, [0.5] * nl, [0.0] * nl)
-
-    def crops(self, x, n, size, scale, g, blur_ps, solarize_ps):
-        if n == 0:
-            return []
-        if x.device.type != "cuda":  # CPU: one cache-sized pass per crop is faster
-            return [self.view(x, size, scale, g, b, s) for b, s in zip(blur_ps, solarize_ps)]
-        B = x.shape[0]  # GPU: all n crops in one pass (few, large kernels), then split
-        per_row = lambda ps: torch.tensor(ps, device=x.device).repeat_interleave(B).view(-1, 1, 1, 1)  # noqa: E731
-        return list(self.view(x.repeat(n, 1, 1, 1), size, scale, g, per_row(blur_ps), per_row(solarize_ps)).split(B))
+        """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
+        x, views = x.float() / 255, []
+        for n, size, scale, blur, solarize in self.groups:
+            if n and x.device.type != "cuda":  # CPU: one cache-sized pass per crop is faster
+                views += [self.view(x, size, scale, g, b, s) for b, s in zip(blur, solarize)]
+            elif n:  # GPU: the n crops of one size in one pass (few, large kernels), then split
+                per_row = [torch.tensor(p, device=x.device).repeat_interleave(len(x)).view(-1, 1, 1, 1) for p in (blur, solarize)]
+                views += self.view(x.repeat(n, 1, 1, 1), size, scale, g, *per_row).split(len(x))
+        return views
 
 
-def normalize_eval(x, mean, std):
-    """uint8 batch -> float normalised, no augmentation (evaluation)."""
-    return (x.float() / 255 - mean.view(1, 3, 1, 1).to(x.device)) / std.view(1, 3, 1, 1).to(x.device)
+def forward_crops(backbone, views):
+    """Backbone features of a list of crops, larger crops first ((N, 3, S_v, S_v) each): one pass per crop size, so
+    BatchNorm sees every crop of that size at once. -> (V * N, feature_dim), crops in the given order."""
+    sizes = sorted({v.shape[-1] for v in views}, reverse=True)
+    return torch.cat([backbone(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,17 +606,16 @@ def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Device, AMP, distributed, seeds
+# Device, AMP, distributed, optimiser, schedules
 # ----------------------------------------------------------------------------------------------
 def world_rank():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 def setup(args):
-    """Seed everything, pick the device, join the process group when launched by torchrun."""
+    """Seed everything, pick the device, join the process group when launched by torchrun, make the run folder."""
     if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     world, rank = world_rank()
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
@@ -578,7 +628,12 @@ def setup(args):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            for tmp in glob.glob(os.path.join(args.out_dir, "*.pt.tmp")):  # left by a run killed while saving
+                os.remove(tmp)
+        except OSError as e:
+            die(f"cannot use --out-dir {args.out_dir}: {e.strerror}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -592,14 +647,27 @@ def autocast(args, device):
     return contextlib.nullcontext()
 
 
-def gather_with_grad(x):
-    """Concatenate x (N, ...) from every rank in rank order; gradients flow back to the local slice."""
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        xs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(xs, x.contiguous())
+        return torch.cat(xs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank computed the same whole-batch loss: its gradient is the sum of theirs
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x, dim=0):
+    """x of every rank, concatenated along `dim` in rank order, with a gradient. The backward pass sums the ranks'
+    gradients of the local slice, so a whole-batch loss, computed alike on every rank and back-propagated as it is,
+    gives after DDP's gradient mean exactly the single-process gradient. One process: x itself."""
     if not dist.is_initialized():
         return x
-    xs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(xs, x.contiguous())
-    xs[dist.get_rank()] = x
-    return torch.cat(xs)
+    return _Gather.apply(x.transpose(0, dim)).transpose(0, dim)
 
 
 def aug_generator(args, device, epoch):
@@ -607,17 +675,28 @@ def aug_generator(args, device, epoch):
     return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
 
 
-def wrap_ddp(model, device, args=None):
+def wrap_ddp(model, device, args):
     """Compile in place with --compile on CUDA (state_dict keys unchanged); DistributedDataParallel with
     synchronised BatchNorm under torchrun; the model itself otherwise."""
-    if args is not None and args.compile and device.type == "cuda":
+    if args.compile and device.type == "cuda":
         model.compile()
     if not dist.is_initialized():
         return model
     if device.type != "cuda":  # SyncBatchNorm is CUDA-only: on CPU (gloo) BatchNorm stays per rank
         return nn.parallel.DistributedDataParallel(model)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device])
+    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
+
+
+def optimizer(args, model, betas=(0.9, 0.999)):
+    """-> (optimizer, base lr = --lr x batch / lr_batch). --optimizer sgd (momentum 0.9) or adamw (fused on CUDA);
+    weight decay on weight matrices and kernels only, not on biases and norm parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    lr = args.lr * args.batch_size / args.lr_batch
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9), lr
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(model.parameters()).is_cuda), lr
 
 
 def cosine(step, total, base, final=0.0, warmup=0):
@@ -628,55 +707,29 @@ def cosine(step, total, base, final=0.0, warmup=0):
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def optimizer(name, model, lr, wd, device, betas=(0.9, 0.999)):
-    """'sgd' (momentum 0.9) or 'adamw' (fused single-kernel on CUDA), weight decay on weights only."""
-    if name == "sgd":
-        return torch.optim.SGD(param_groups(model, wd), lr=lr, momentum=0.9)
-    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def param_groups(model, wd):
-    """Weight decay on weight matrices and kernels only, not on biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
-
-
-def check_finite(total, epoch, step, every=50):
-    """Stop with a clear message once the running loss sum is not finite. It syncs with the host only every
-    `every` steps (a NaN cannot come back, so the sum keeps it); end_epoch checks once more before saving."""
-    if (step + 1) % every == 0 and not torch.isfinite(total):
-        die(f"the loss became {total.item()} at epoch {epoch + 1} (within steps {step + 2 - every}-{step + 1}); stopping. "
-            f"Try a lower --lr, a longer --warmup-epochs, or --no-amp. The last good checkpoint is kept.")
-
-
-def fp32(loss_fn):
-    """Decorator: a loss runs in fp32 even when called under autocast (a bf16 Gram matrix, softmax or log-det
-    loses the precision the loss needs). Half-precision tensor arguments (also inside lists) become fp32 and
-    autocast is off inside; fp32 and fp64 arguments pass unchanged."""
-    def cast(a):
-        if isinstance(a, (list, tuple)):
-            return type(a)(cast(b) for b in a)
-        return a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a
-
-    @functools.wraps(loss_fn)
-    def wrapped(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-                stack.enter_context(torch.autocast(dev, enabled=False))
-            return loss_fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
-    return wrapped
+def check_finite(total, epoch, step=None, every=50):
+    """Stop with one line once the running loss sum is not finite: every `every` steps inside an epoch (one host
+    sync each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
+    if (step is None or (step + 1) % every == 0) and not math.isfinite(total):
+        where = f"epoch {epoch + 1}" + (f" (within steps {step + 2 - every}-{step + 1})" if step is not None else "")
+        die(f"the loss became {float(total)} in {where}; stopping. Try a lower --lr, a longer --warmup-epochs, or "
+            f"--no-amp. The last good checkpoint is kept.")
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one (a crash never leaves half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: write PATH.tmp, then rename it over PATH (a crash never leaves half a checkpoint). An I/O error (full
+    disk, no permission) removes the temporary file and stops with one line naming the path."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}")
 
 
 def load_checkpoint(path):
@@ -692,40 +745,34 @@ def load_checkpoint(path):
 
 
 def resume(args, model, opt):
-    """Load model + optimiser state; return the epoch to start from (0 for a fresh run)."""
+    """Load model + optimiser state (the flags were checked against the checkpoint by `parse`) and drop log lines
+    past the checkpoint's epoch (a run killed between the two writes); return the epoch to start from."""
     if not args.resume:
         return 0
-    path = resume_path(args)
-    ck = load_checkpoint(path)
-    if ck["args"].get("method") != args.method or ck["args"].get("arch") != args.arch:
-        die(f"{path} was written by {ck['args'].get('method')}/{ck['args'].get('arch')}, not {args.method}/{args.arch}")
+    ck = load_checkpoint(args.resume)
     getattr(model, "module", model).load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    print(f"resumed from {path} at epoch {ck['epoch']}", file=sys.stderr)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if world_rank()[1] == 0 and os.path.isfile(log):
+        lines = [line for line in open(log) if line.strip() and json.loads(line)["epoch"] <= ck["epoch"]]
+        with open(log, "w") as f:
+            f.writelines(lines)
+    print(f"resumed from {args.resume} at epoch {ck['epoch']}", file=sys.stderr)
     return ck["epoch"]
-
-
-def resume_path(args):
-    return os.path.join(args.out_dir, "last.pt") if args.resume == "auto" else args.resume
-
-
-def log_json(args, record):
-    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: frozen features and weighted kNN (DINO protocol)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def extract_features(backbone, data, mean, std, device, batch_size=512, amp=True):
-    was = backbone.training
+def extract_features(backbone, data, stats, device, batch_size=512):
+    """Backbone features of every image of `data` (uint8, no augmentation, normalised with `stats`)."""
+    was, feats = backbone.training, []
     backbone.eval()
-    feats = []
-    for i in range(0, len(data), batch_size):
-        x = normalize_eval(data.images[i: i + batch_size].to(device), mean, std)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            feats.append(backbone(x).float())
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    for i in range(0, len(data.images), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
     backbone.train(was)
     return torch.cat(feats), data.labels.to(device)
 
@@ -750,30 +797,31 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024
 
 
 def knn_monitor(backbone, memory, val, stats, device):
-    tr_f, tr_y = extract_features(backbone, memory, *stats, device)
-    te_f, te_y = extract_features(backbone, val, *stats, device)
-    labelled = tr_y >= 0
-    return knn_classify(tr_f[labelled], tr_y[labelled], te_f, te_y)[0]
+    """kNN top-1 (k=20) of `val` against the labelled images of `memory`."""
+    tr_f, tr_y = extract_features(backbone, memory, stats, device)
+    te_f, te_y = extract_features(backbone, val, stats, device)
+    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
 
 
-def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record, extra=None):
-    """Rank 0: kNN monitor (every --eval-every epochs and at the end), JSON log line, checkpoint.
-    evaldata = (memory, val, (mean, std)); `model` is saved unwrapped from DDP. A non-finite epoch loss stops
-    the run before anything is written, so last.pt stays the last good epoch."""
+def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
+    """Rank 0: kNN monitor (every --eval-every epochs and at the end), checkpoint, then the JSON log line, so the log
+    never runs ahead of the checkpoint. evaldata = (memory, val, stats); `model` is saved unwrapped from DDP. A
+    non-finite epoch loss stops the run before anything is written, so last.pt stays the last good epoch."""
     done = epoch + 1
-    if not math.isfinite(record["loss"]):
-        die(f"the loss became {record['loss']} during epoch {done}; stopping. Try a lower --lr, a longer "
-            f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
+    check_finite(record["loss"], epoch)
     if world_rank()[1] != 0:
         return
     if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
         record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
-    record = {"epoch": done, **record}
-    log_json(args, record)
-    model = getattr(model, "module", model)
     state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(),
-             "model": model.state_dict(), "optimizer": opt.state_dict(), **(extra or {})}
+             "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
     save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
     if args.save_every and done % args.save_every == 0:
         save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
+    record = {"epoch": done, **record}
+    try:
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        die(f"cannot write {os.path.join(args.out_dir, 'log.jsonl')}: {e.strerror}")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

@@ -29,82 +29,73 @@ Against the official code (apple/ml-entropy-reconstruction, which ships the two 
 
 Run:     python entrec.py --dataset cifar10 --variant byol
 Offline: python entrec.py --dataset synthetic --width 16 --epochs 20 --device cpu
-Result:  tin100-32 (100 classes, 32 px), 5,000 training images, 10 epochs, batch 128, ResNet-18 width 16, 2-core CPU,
-         byol variant: kNN k=20 6.84% / k=200 8.10%, linear 6.52% (SimCLR 8.68 / 9.72 / 12.34, random init
-         4.28 / 4.42 / 5.14; README table). Synthetic, ResNet-18, 25 epochs: kNN 51.5% (H100, bf16).
+Results: README.md.
 """
 import argparse
 import copy
-import functools
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 
-EPS = 1e-7  # inside the logs of the discrete terms, as in the official code
-
-# flags that only some variants use: default None, so that one given for another variant is an error
-ONLY_FOR = {"ema": ("byol", "dino"), "kappa": ("simclr", "byol"), "out_dim": ("dino",), "student_temp": ("dino",),
-            "teacher_temp": ("dino",), "warmup_teacher_temp": ("dino",), "warmup_teacher_temp_epochs": ("dino",),
-            "local_crops": ("dino",)}
+# per variant: the defaults of the flags left unset; a flag given for a variant that does not use it is an error
+VARIANTS = {
+    "simclr": dict(kappa=10.0, proj_hidden=4096, entropy_estimator="average"),
+    "byol": dict(kappa=10.0, ema=0.99, proj_hidden=4096, entropy_estimator="average"),
+    "dino": dict(ema=0.99, out_dim=4096, student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
+                 warmup_teacher_temp_epochs=30, local_crops=0, proj_hidden=2048, entropy_estimator="expectation"),
+}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p)
-    a = p.add_argument
-    a("--variant", default="byol", choices=("simclr", "byol", "dino"), help="architecture whose objective ER replaces")
-    a("--kappa", type=float, default=None, help="simclr/byol: vMF concentration of entropy and reconstruction (10)")
-    a("--entropy-estimator", default=None, choices=("average", "expectation"),
-      help="sphere (simclr/byol; default average): mean of -log p_i, or weighted by softmax_i(log p_i) (plug-in); "
-           "discrete (dino): only expectation, -sum_k pbar_k log pbar_k")
-    a("--ema", type=float, default=None, help="byol/dino: target EMA start, cosine to 1 (BYOL 0.99; 0: the online "
-      "net with stop-gradient). The target averages over ~1/(1-m) steps")
-    a("--proj-hidden", type=int, default=None, help="projector / predictor hidden width (BYOL: 4096; DINO head: 2048)")
-    a("--proj-dim", type=int, default=256, help="projection dimension (BYOL: 256); dino: the head's bottleneck (256)")
-    a("--out-dim", type=int, default=None, help="dino: prototypes K of the softmax head (4096)")
-    a("--student-temp", type=float, default=None, help="dino: student temperature (0.1)")
-    a("--teacher-temp", type=float, default=None, help="dino: teacher temperature after warm-up (0.04)")
-    a("--warmup-teacher-temp", type=float, default=None, help="dino: initial teacher temperature (0.04)")
-    a("--warmup-teacher-temp-epochs", type=int, default=None, help="dino: linear teacher-temperature warm-up (30)")
-    a("--local-crops", type=int, default=None, help="dino: small crops of half size per image, seen by the student (0)")
-    a("--min-scale", type=float, default=0.08, help="smallest crop area fraction (0.08)")
-    p.set_defaults(method="entrec", lr=1e-3, wd=1e-6, batch_size=256, epochs=200)
-    args = p.parse_args(argv)
-    for name, variants in ONLY_FOR.items():
-        if getattr(args, name) is not None and args.variant not in variants:
-            common.die(f"--{name.replace('_', '-')} does nothing for --variant {args.variant} (only for {', '.join(variants)})")
-    defaults = dict(kappa=10.0, ema=0.99, out_dim=4096, student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
-                    warmup_teacher_temp_epochs=30, local_crops=0, proj_hidden=2048 if args.variant == "dino" else 4096)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.add_common_args(p, lr_batch=256)
+    common.add_crop_args(p)
+    a, V = p.add_argument, " (default: VARIANTS)"
+    a("--variant", default="byol", choices=tuple(VARIANTS), help="architecture whose objective ER replaces")
+    a("--kappa", type=common.number(float, 0, 1000, open_lo=True), help="simclr/byol: vMF concentration of the "
+      "entropy and the reconstruction (paper: 10)")
+    a("--entropy-estimator", choices=("average", "expectation"), help="simclr/byol: mean of -log p_i (average), or "
+      "weighted by softmax_i(log p_i) (expectation); dino: only expectation, -sum_k pbar_k log pbar_k" + V)
+    a("--ema", type=common.number(float, 0, 1, open_hi=True), help="byol/dino: target EMA start, cosine to 1 (BYOL: 0.99; 0: the online net "
+      "with stop-gradient). The target averages over ~1/(1-m) steps")
+    a("--proj-hidden", type=common.COUNT, help="projector / predictor hidden width (BYOL: 4096; DINO head: 2048)")
+    a("--proj-dim", type=common.number(int, 2), default=256, help="projection dimension (BYOL: 256); dino: the "
+      "head's bottleneck (256)")
+    a("--out-dim", type=common.COUNT, help="dino: prototypes K of the softmax head (4096)")
+    a("--student-temp", type=common.POSITIVE, help="dino: student temperature (0.1)")
+    a("--teacher-temp", type=common.POSITIVE, help="dino: teacher temperature after the warm-up (0.04)")
+    a("--warmup-teacher-temp", type=common.POSITIVE, help="dino: initial teacher temperature (0.04)")
+    a("--warmup-teacher-temp-epochs", type=common.NONNEG_INT, help="dino: linear teacher-temperature warm-up (30)")
+    p.set_defaults(method="entrec", optimizer="adamw", lr=1e-3, wd=1e-6, batch_size=256, epochs=200, global_crops=2,
+                   global_scale=(0.08, 1.0))
+    args = common.parse(p, argv)
+    for name in set().union(*VARIANTS.values()) - set(VARIANTS[args.variant]):
+        if getattr(args, name) is not None:
+            common.die(f"--{name.replace('_', '-')} does nothing for --variant {args.variant} (only for "
+                       f"{', '.join(v for v in VARIANTS if name in VARIANTS[v])})")
+    for name, value in VARIANTS[args.variant].items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.variant == "dino" and args.entropy_estimator == "average":
         # the official code's discrete "average", -mean_k log(pbar_k + eps), is smallest (log K) at a uniform pbar and
         # grows as pbar collapses onto few outputs: maximising it would undo what the entropy term is for
         common.die("--entropy-estimator average is not an entropy on the discrete support (maximising -mean_k log "
                    "pbar_k favours collapse); --variant dino uses expectation")
-    args.entropy_estimator = args.entropy_estimator or ("expectation" if args.variant == "dino" else "average")
-    if not args.kappa > 0:
-        common.die(f"--kappa must be > 0, got {args.kappa}")
-    if not 0 <= args.ema < 1:
-        common.die(f"--ema must be in [0, 1), got {args.ema}")
-    if args.local_crops < 0:
-        common.die(f"--local-crops must be >= 0, got {args.local_crops}")
-    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
-        common.die("temperatures must be > 0")
-    common.check_args(args)
+    if args.global_crops != 2:
+        common.die(f"EntRec uses 2 global crops (--global-crops 2), got {args.global_crops}")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# The method
+# The method. Copy with torch alone: EPS, log_vmf_normalizer, sphere_entropy, sphere_reconstruction,
+# fp32, discrete_entropy, discrete_reconstruction, entrec_loss, teacher_temp
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)  # called every step with the same (D, kappa)
+EPS = 1e-7  # inside the logs of the discrete terms, as in the official code
+
+
 def log_vmf_normalizer(dim, kappa):
     """log C_D(kappa) of the vMF density on S^{D-1}, in float64, without forming I_v or C_D.
 
@@ -128,12 +119,18 @@ def log_vmf_normalizer(dim, kappa):
     return (b - 1) * math.log(2) - b * math.log(2 * math.pi) + math.lgamma(b) - log_f
 
 
-@common.fp32  # fp32 even when called under autocast
+def fp32(x):
+    """Half precision -> fp32 (fp32 and fp64 unchanged): the losses below compute in fp32 even under autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.autocast("cuda", enabled=False)  # fp32 maths even when called under autocast
+@torch.autocast("cpu", enabled=False)
 def sphere_entropy(z, kappa=10.0, estimator="average"):
-    """vMF-KDE entropy of z (N, D) (normalised here), the KDE including each point itself:
+    """vMF-KDE entropy of z (N, D), the whole batch (normalised here), the KDE including each point itself:
     log p_i = logsumexp_j(kappa zi.zj) - log N + log C_D;  H = mean_i(-log p_i)  ("average"), or
-    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation"). Whole batch across ranks."""
-    z = F.normalize(common.gather_with_grad(z), dim=1)
+    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation")."""
+    z = F.normalize(fp32(z), dim=1)
     N, D = z.shape
     log_p = torch.logsumexp(kappa * z @ z.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (N,)
     if estimator == "average":
@@ -141,58 +138,60 @@ def sphere_entropy(z, kappa=10.0, estimator="average"):
     return -(F.softmax(log_p, dim=0) * log_p).sum()
 
 
-@common.fp32
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def sphere_reconstruction(mu, z, kappa=10.0):
     """Mean over the batch of -log q(z | mu) = -(log C_D(kappa) + kappa mu.z), mu and z (N, D) normalised here."""
-    mu, z = F.normalize(mu, dim=1), F.normalize(z, dim=1)
+    mu, z = F.normalize(fp32(mu), dim=1), F.normalize(fp32(z), dim=1)
     return -(log_vmf_normalizer(z.shape[1], kappa) + kappa * (mu * z).sum(1)).mean()
 
 
-@common.fp32
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def discrete_entropy(p):
-    """Entropy -sum_k pbar_k log pbar_k of the batch-mean distribution pbar of p (N, K) (rows are probability
-    vectors; the official "expectation" reduction), over the whole batch across ranks."""
-    p_bar = common.gather_with_grad(p).mean(0)  # (K,)
+    """Entropy -sum_k pbar_k log pbar_k of the batch-mean distribution pbar of p (N, K), the whole batch (rows are
+    probability vectors; the official "expectation" reduction)."""
+    p_bar = fp32(p).mean(0)  # (K,)
     return -torch.special.xlogy(p_bar, p_bar).sum()
 
 
-@common.fp32
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def discrete_reconstruction(p1, p2):
     """Symmetric cross-entropy 1/2 mean_i [H(p1_i, p2_i) + H(p2_i, p1_i)], H(a, b) = -sum_k a_k log(b_k + eps),
     p1, p2 (N, K) probability vectors (eps = 1e-7 caps log(~0) at ~16 nats, as in the official code)."""
+    p1, p2 = fp32(p1), fp32(p2)
     return -0.5 * ((p1 * torch.log(p2 + EPS)).sum(1) + (p2 * torch.log(p1 + EPS)).sum(1)).mean()
 
 
-@common.fp32
-def entrec_loss(z, t, pred, args, epoch=0):
-    """-(H + E log q) and its two terms, (loss, entropy, reconstruction).
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def entrec_loss(z, t, pred=None, variant="byol", kappa=10.0, estimator="average", student_temp=0.1, teacher_temp=0.04):
+    """-(H + E log q) and its two terms, (loss, entropy, reconstruction), on the whole batch.
 
     simclr/byol: z, t, pred (2, N, D) online projections, target projections, predictions of the online net.
-    dino: z a list of V student logits (N, K), crops of one size together, the 2 global crops first; t the 2
-    teacher logits (N, K); pred None. Reconstruction pairs every teacher crop with every other student crop."""
-    if args.variant == "simclr":  # both branches online; mu(z1) = z1
-        rec = sphere_reconstruction(z[0], z[1], args.kappa)  # kappa z1.z2 is symmetric: one direction suffices
-    elif args.variant == "byol":  # predict the other view's target projection
-        rec = 0.5 * (sphere_reconstruction(pred[0], t[1], args.kappa) + sphere_reconstruction(pred[1], t[0], args.kappa))
-    if args.variant != "dino":
-        ent = 0.5 * (sphere_entropy(z[0], args.kappa, args.entropy_estimator)
-                     + sphere_entropy(z[1], args.kappa, args.entropy_estimator))
+    dino: z (V, N, K) student logits of every crop, the 2 global crops first; t (2, N, K) the teacher's; pred None.
+    Reconstruction pairs every teacher crop with every other student crop."""
+    if variant == "simclr":  # both branches online; mu(z1) = z1
+        rec = sphere_reconstruction(z[0], z[1], kappa)  # kappa z1.z2 is symmetric: one direction suffices
+    elif variant == "byol":  # predict the other view's target projection
+        rec = 0.5 * (sphere_reconstruction(pred[0], t[1], kappa) + sphere_reconstruction(pred[1], t[0], kappa))
+    if variant != "dino":
+        ent = 0.5 * (sphere_entropy(z[0], kappa, estimator) + sphere_entropy(z[1], kappa, estimator))
         return rec - ent, ent, rec
-    tau_t = teacher_temp(args, epoch)
-    p_t = [F.softmax(x / tau_t, dim=-1) for x in t]  # no centring: the entropy term prevents collapse
-    p_s = [F.softmax(x / args.student_temp, dim=-1) for x in z]
+    p_t = F.softmax(fp32(t) / teacher_temp, dim=-1)  # no centring: the entropy term prevents collapse
+    p_s = F.softmax(fp32(z) / student_temp, dim=-1)
     pairs = [(i, j) for i in range(len(p_t)) for j in range(len(p_s)) if i != j]
     rec = sum(discrete_reconstruction(p_t[i], p_s[j]) for i, j in pairs) / len(pairs)
-    ent = sum(discrete_entropy(p) for p in p_s[:2]) / 2  # of the student's global crops
+    ent = (discrete_entropy(p_s[0]) + discrete_entropy(p_s[1])) / 2  # of the student's global crops
     return rec - ent, ent, rec
 
 
-def teacher_temp(args, epoch):
+def teacher_temp(epoch, warmup_temp=0.04, temp=0.04, warmup_epochs=30):
     """DINO's teacher temperature: linear warm-up over the first epochs, then constant."""
-    w = args.warmup_teacher_temp_epochs
-    if epoch >= w:
-        return args.teacher_temp
-    return args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * epoch / max(1, w - 1)
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / max(1, warmup_epochs - 1)
 
 
 def mlp(in_dim, hidden, out_dim):
@@ -229,9 +228,7 @@ class Online(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, views):  # list of V crops (N, 3, S, S) -> (V, N, out)
-        sizes = sorted({v.shape[-1] for v in views}, reverse=True)
-        feats = torch.cat([self.backbone(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes])
-        return self.head(feats).view(len(views), views[0].shape[0], -1)
+        return self.head(common.forward_crops(self.backbone, views)).view(len(views), len(views[0]), -1)
 
 
 class EntRec(nn.Module):
@@ -269,33 +266,29 @@ def ema_update(target, online, momentum):
 def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(images.shape[-1], *stats, n_global=2, n_local=args.local_crops,
-                           global_scale=(args.min_scale, 1.0), backend=args.aug)
-    backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width)
-    model = EntRec(backbone, feat_dim, args).to(device, memory_format=torch.channels_last)
-    model = common.wrap_ddp(model, device, args)
+    aug = common.MultiCrop(args.image_size, stats, 2, args.local_crops or 0, args.global_scale, args.local_scale)
+    backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
+    model = common.wrap_ddp(EntRec(backbone, feat_dim, args).to(device, memory_format=torch.channels_last), device, args)
     net = getattr(model, "module", model)
-    base_lr = args.lr * args.batch_size / 256  # linear scaling rule
-    opt = common.optimizer("adamw", model, base_lr, args.wd, device)
+    opt, base_lr = common.optimizer(args, model)
     start = common.resume(args, model, opt)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size
     for epoch in range(start, args.epochs):
         g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed, f"epoch {epoch + 1}")):
+        tau_t = None if args.variant != "dino" else teacher_temp(  # the dino variant's teacher temperature
+            epoch, args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
+        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
             step = epoch * steps + i
             for group in opt.param_groups:
                 group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
             views = aug(x, g)
             with common.autocast(args, device):
                 z, t, pred = model(views)
-            if args.variant == "dino":  # per-crop logits: the two global crops first, then the local ones
-                z, t = list(z), list(t)
-            loss, ent, rec = entrec_loss(z, t, pred, args, epoch)  # fp32, outside autocast
+            z, t, pred = (None if v is None else common.gather(v, dim=1) for v in (z, t, pred))  # whole batch
+            loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
+                                         args.student_temp, tau_t)
             opt.zero_grad(set_to_none=True)
-            # the entropy is batch-wide (identical on every rank), the reconstruction a local mean:
-            # x world on the entropy undoes DDP's gradient mean for it
-            (rec - ent * world).backward()
+            loss.backward()
             opt.step()
             if net.target is not None:
                 ema_update(net.target, net.online, common.cosine(step, args.epochs * steps, args.ema, 1.0))

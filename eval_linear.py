@@ -34,19 +34,19 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default=None, help="default: the pretraining --data-dir")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="ViT features: CLS token or mean of patch tokens")
-    p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs over the frozen features")
-    p.add_argument("--probe-lr", type=float, default=0.1, help="linear-probe SGD learning rate (batch 256)")
-    p.add_argument("--probe-wd", type=float, default=0.0, help="linear-probe weight decay")
-    p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of N images of each split (quick checks)")
+    p.add_argument("--probe-epochs", type=common.COUNT, default=100, help="linear-probe epochs over the frozen features")
+    p.add_argument("--probe-lr", type=common.POSITIVE, default=0.1, help="linear-probe SGD learning rate (batch 256)")
+    p.add_argument("--probe-wd", type=common.NONNEG, default=0.0, help="linear-probe weight decay")
+    p.add_argument("--limit", type=common.COUNT, default=None,
+                   help="use a fixed random subset of N images of each split (quick checks)")
     p.add_argument("--geometry", action="store_true", help="also report the representation geometry and write the "
                    "class-centroid similarity matrix as a PNG")
     p.add_argument("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip undecodable files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe and of the geometry's augmentations")
-    args = p.parse_args(argv)
-    if args.probe_epochs < 1:
-        common.die(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
-    return args
+    p.add_argument("--export", metavar="PATH", help="only write the backbone's weights to PATH as a plain state dict "
+                   "for torchvision's resnet18/resnet50/VisionTransformer (README: loading it) and stop")
+    return p.parse_args(argv)
 
 
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, wd=0.0, batch_size=256, seed=0):
@@ -146,13 +146,16 @@ def save_similarity_png(sim, path, cell=4):
 def main(args):
     ck = common.load_checkpoint(args.checkpoint)
     saved = ck["args"]
+    if args.export:  # the backbone is a torchvision model (CIFAR stem at <= 64 px) without its classifier
+        common.save_checkpoint(args.export, ck["backbone"])
+        return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
               skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
     labelled = memory.labels >= 0  # STL-10's unlabelled images are -1
-    memory = common.subset(common.ImageTensors(memory.images[labelled], memory.labels[labelled]), args.limit)
+    memory = common.subset(common.Split(memory.images[labelled], memory.labels[labelled]), args.limit)
     val = common.subset(val, args.limit)
     size = memory.images.shape[-1]
     backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"),
@@ -162,10 +165,13 @@ def main(args):
     except RuntimeError as e:
         common.die(f"the checkpoint's backbone does not fit {saved['arch']} at {size} px: {str(e).splitlines()[0]}")
     backbone.to(device)
-    x = memory.images[:10000].float() / 255
-    stats = (x.mean((0, 2, 3)), x.std((0, 2, 3)))  # the same per-channel statistics as in pretraining
-    tr_f, tr_y = common.extract_features(backbone, memory, *stats, device)
-    te_f, te_y = common.extract_features(backbone, val, *stats, device)
+    if "mean" in saved:  # the per-channel statistics pretraining normalised with
+        stats = (torch.tensor(saved["mean"]), torch.tensor(saved["std"]))
+    else:  # a checkpoint without them (random init): the statistics of the labelled training images
+        x = memory.images[:: max(1, len(memory.images) // 10000)].float() / 255
+        stats = (x.mean((0, 2, 3)), x.std((0, 2, 3)))
+    tr_f, tr_y = common.extract_features(backbone, memory, stats, device)
+    te_f, te_y = common.extract_features(backbone, val, stats, device)
     res = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": name, "epoch": ck["epoch"],
            "arch": saved["arch"], "feature_dim": tr_f.shape[1]}
     for k, T in ((20, 0.07), (200, 0.1)):
@@ -174,9 +180,9 @@ def main(args):
                                                           args.probe_wd, seed=args.seed)
     base = os.path.splitext(args.checkpoint)[0]
     if args.geometry:  # on up to 2000 held-out images; positive pairs: two augmented crops of each
-        keep = common.subset(common.ImageTensors(torch.arange(len(val)), val.labels), 2000).images
+        keep = common.subset(common.Split(torch.arange(len(val.images)), val.labels), 2000).images
         g = torch.Generator(device=device).manual_seed(args.seed)
-        views = common.MultiCrop(size, *stats, n_global=2)(val.images[keep].to(device), g)
+        views = common.MultiCrop(size, stats, n_global=2)(val.images[keep].to(device), g)
         backbone.eval()
         with torch.no_grad():
             pairs = [torch.cat([backbone(c).float() for c in v.split(500)]) for v in views]

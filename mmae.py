@@ -22,18 +22,12 @@ The ViT is torchvision's (its own initialisation, no qkv-bias difference), with 
 
 Run:     python mmae.py --dataset cifar10 --arch vit_tiny
 Offline: python mmae.py --dataset synthetic --arch vit_tiny --epochs 20 --device cpu
-Result:  tin100-32 (100 classes, 32 px), 5,000 training images, 10 epochs, batch 128, 2 warm-up epochs, ViT-Tiny/4,
-         2-core CPU (README table; kNN memory and probe 10,000 labelled images), kNN k=20 / k=200 / linear:
-         M-MAE (defaults, lambda 0.01) 7.20 / 9.26 / 11.36, U-MAE (--reg square) 7.02 / 8.66 / 11.28, MAE (--lam 0)
-         8.22 / 8.38 / 15.00, random init 6.46 / 6.68 / 10.30. At this budget the paper's claim (a better linear
-         probe than MAE) is not reproduced: both regularisers cost ~3.7 points of linear top-1; --lam 0.00125 and
-         longer runs are untested. Synthetic, 25 epochs: kNN 33.7% (H100, bf16). CIFAR-10 not yet run.
+Results: README.md.
 """
 import argparse
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -44,36 +38,35 @@ import common
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p)
+    common.add_common_args(p, lr_batch=256)
     a = p.add_argument
-    a("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder (MAE: 0.75)")
+    a("--mask-ratio", type=common.number(float, 0, 1, open_lo=True, open_hi=True), default=0.75,
+      help="fraction of patches hidden from the encoder (MAE: 0.75)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
       help="regress per-patch normalised pixels (MAE's better setting)")
-    a("--decoder-dim", type=int, default=128, help="decoder width (MAE ImageNet: 512; small data: 128-256)")
-    a("--decoder-depth", type=int, default=4, help="decoder blocks (MAE ImageNet: 8; small data: 2-4)")
-    a("--lam", type=float, default=0.01, help="lambda, weight of the regulariser (0.01; 0 gives plain MAE). The released "
-      "8-GPU run applied lambda/8 in effect (its gather): --lam 0.00125 reproduces it on one GPU. On tin100-32 at a "
-      "10-epoch CPU budget, 0.01 lowered the linear probe from 15.0 (MAE) to 11.4 (see the docstring)")
-    a("--mu", type=float, default=3.0, help="mu of TCR (3 in the released ViT-L script; its parser default is 1)")
+    a("--decoder-dim", type=common.number(int, 4), default=128, help="decoder width, a multiple of 4 (MAE ImageNet: "
+      "512; small data: 128-256)")
+    a("--decoder-depth", type=common.COUNT, default=4, help="decoder blocks (MAE ImageNet: 8; small data: 2-4)")
+    a("--lam", type=common.NONNEG, default=0.01, help="lambda, weight of the regulariser (paper: 0.01; 0 gives plain "
+      "MAE). The released 8-GPU run applied lambda/8 in effect (its gather): --lam 0.00125 reproduces it on one GPU")
+    a("--mu", type=common.POSITIVE, default=3.0, help="mu of TCR (released ViT-L script: 3; its parser's default: 1)")
     a("--reg", default="tcr", choices=("tcr", "square"), help="tcr (M-MAE) or square (U-MAE's mean((ZZ^T)^2))")
     a("--pool", default="cls", choices=("cls", "mean"), help="Z: CLS after the final norm, or mean of visible tokens")
-    a("--patch-size", type=int, default=None, help="ViT patch (default 4 at 32 px, 8 at 96 px)")
-    a("--min-scale", type=float, default=0.2, help="smallest crop area fraction (MAE: 0.2)")
+    a("--patch-size", type=common.COUNT, default=None, help="ViT patch (default 4 at 32 px, 8 at 96 px)")
     a("--save-recon", action="store_true", help="write a PNG (original / masked / reconstruction) every epoch")
-    p.set_defaults(method="mmae", arch="vit_tiny", lr=1.5e-4, wd=0.05, batch_size=256, epochs=800, warmup_epochs=40)
-    args = p.parse_args(argv)
-    if not 0 < args.mask_ratio < 1:
-        common.die(f"--mask-ratio must be strictly between 0 and 1, got {args.mask_ratio}")
+    p.set_defaults(method="mmae", arch="vit_tiny", optimizer="adamw", lr=1.5e-4, wd=0.05, batch_size=256, epochs=800,
+                   warmup_epochs=40, global_scale=(0.2, 1.0))
+    args = common.parse(p, argv)
     if not args.arch.startswith("vit"):
         common.die(f"M-MAE masks ViT patches: use --arch vit_tiny or vit_small, got {args.arch}")
-    if args.mu <= 0 or args.lam < 0:
-        common.die(f"need --mu > 0 and --lam >= 0, got {args.mu} and {args.lam}")
-    common.check_args(args)
+    if args.decoder_dim % 4:
+        common.die(f"--decoder-dim must be a multiple of 4 (sine-cosine position embeddings), got {args.decoder_dim}")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# The method
+# The method. Copy with torch alone: patchify, unpatchify, random_masking, mae_loss, tcr, square_reg,
+# mmae_loss
 # ----------------------------------------------------------------------------------------------
 def patchify(imgs, p):
     """(B, 3, H, W) -> (B, L, p*p*3), patches in row-major order, pixels (p, p, 3) within a patch."""
@@ -105,41 +98,53 @@ def random_masking(x, mask_ratio, generator=None):
     return x_visible, mask.gather(1, ids_restore), ids_restore
 
 
-@common.fp32  # fp32 even when called under autocast
+@torch.autocast("cuda", enabled=False)  # fp32 maths even when called under autocast
+@torch.autocast("cpu", enabled=False)
 def mae_loss(pred, target_patches, mask, norm_pix=True):
     """Mean squared error on the masked patches only. pred, target_patches (B, L, p*p*3), mask (B, L)."""
-    target = target_patches
+    pred, target = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (pred, target_patches))
     if norm_pix:  # each patch normalised by its own mean and variance
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     per_patch = ((pred - target) ** 2).mean(-1)  # (B, L)
     return (per_patch * mask).sum() / mask.sum()
 
 
-@common.fp32
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def tcr(z, mu):
     """Total coding rate log det(I_d + (mu/d) Z^T Z) of Z (B, d), rows L2-normalised here, in fp32+.
     By Sylvester's identity it equals log det(I_B + (mu/d) Z Z^T): the smaller Gram matrix is used,
-    through a Cholesky factor (the matrix is symmetric positive definite): log det = 2 sum log diag."""
-    z = F.normalize(z, dim=1)
+    through a Cholesky factor (the matrix is symmetric positive definite): log det = 2 sum log diag. Z is the
+    whole batch; half precision is computed in fp32; non-finite features give nan (the caller stops), not an error."""
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
     B, d = z.shape
     gram = z.T @ z if d <= B else z @ z.T  # (min(B, d), min(B, d))
     eye = torch.eye(gram.shape[0], dtype=z.dtype, device=z.device)
-    return 2 * torch.linalg.cholesky(eye + (mu / d) * gram).diagonal().log().sum()
+    return 2 * torch.linalg.cholesky_ex(eye + (mu / d) * gram).L.diagonal().log().sum()
 
 
-@common.fp32
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def square_reg(z):
-    """U-MAE's regulariser: the mean of the squared entries of Z Z^T, rows L2-normalised."""
-    z = F.normalize(z, dim=1)
+    """U-MAE's regulariser: the mean of the squared entries of Z Z^T, Z (B, d) the whole batch, rows L2-normalised."""
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
     return ((z @ z.T) ** 2).mean()
+
+
+def mmae_loss(l_mae, z, lam=0.01, mu=3.0, reg="tcr"):
+    """Eq. (9): L = L_MAE - lambda TCR_mu(Z) (reg "tcr"), or L_MAE + lambda mean((Z Z^T)^2) (U-MAE, reg "square");
+    z (B, d) the whole batch. Returns (L, the regulariser's value)."""
+    if reg == "tcr":
+        r = tcr(z, mu)
+        return l_mae - lam * r, r  # maximise the coding rate
+    r = square_reg(z)
+    return l_mae + lam * r, r  # minimise the squared similarities
 
 
 def sincos_pos_embed(dim, grid):
     """Fixed 2-D sine-cosine position embedding (1, 1 + grid^2, dim) of a grid x grid patch layout (row-major),
     as in MAE: the first dim/2 channels encode the column x, the last dim/2 the row y, each as
     [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4)), k < dim/4; the CLS slot is zero."""
-    if dim % 4:
-        common.die(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
     w = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     p = torch.arange(grid, dtype=torch.float64)[:, None] * w  # (grid, dim/4)
     enc = torch.cat([p.sin(), p.cos()], 1)  # (grid, dim/2): one coordinate
@@ -190,8 +195,11 @@ class MAE(nn.Module):
 
 
 @torch.no_grad()
-def effective_rank(z):
-    """exp(entropy of the normalised singular values) of the row-normalised batch features (a float)."""
+def uncentred_effective_rank(z):
+    """exp(entropy of the normalised singular values) of the row-normalised, uncentred batch features (a float;
+    eval_linear.effective_rank centres them first)."""
+    if not torch.isfinite(z).all():  # a diverged run: the caller stops on its loss
+        return float("nan")
     s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
     p = s / s.sum()
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
@@ -217,40 +225,30 @@ def save_recon(model, imgs, args, stats, path, n=8):
 def train(args):
     device = common.setup(args)
     images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(images.shape[-1], *stats, n_global=1, global_scale=(args.min_scale, 1.0),
-                           color=False, backend=args.aug)
-    backbone, feat_dim = common.build_backbone(args.arch, images.shape[-1], args.width, args.pool, args.patch_size)
-    model = MAE(backbone, feat_dim, args).to(device)
-    model = common.wrap_ddp(model, device, args)
+    aug = common.MultiCrop(args.image_size, stats, 1, 0, args.global_scale, color=False)
+    backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width, args.pool, args.patch_size)
+    model = common.wrap_ddp(MAE(backbone, feat_dim, args).to(device), device, args)
     mae = getattr(model, "module", model)
-    base_lr = args.lr * args.batch_size / 256  # linear scaling rule
-    opt = common.optimizer("adamw", model, base_lr, args.wd, device, betas=(0.9, 0.95))
+    opt, base_lr = common.optimizer(args, model, betas=(0.9, 0.95))
     start = common.resume(args, model, opt)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     steps = len(images) // args.batch_size
     for epoch in range(start, args.epochs):
         g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed, f"epoch {epoch + 1}")):
+        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
             step = epoch * steps + i
             for group in opt.param_groups:
                 group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
             imgs = aug(x, g)[0]
             with common.autocast(args, device):
                 pred, mask, z = model(imgs, args.mask_ratio, g)
-            l_mae = mae_loss(pred, patchify(imgs, mae.patch), mask, args.norm_pix_loss)
-            z_all = common.gather_with_grad(z)  # the regulariser sees the whole batch across ranks
-            if args.reg == "tcr":
-                reg, sign = tcr(z_all, args.mu), -1.0  # maximise the coding rate
-            else:
-                reg, sign = square_reg(z_all), 1.0  # minimise the squared similarities
-            loss = l_mae + sign * args.lam * reg  # Eq. (9)
+            l_mae = mae_loss(pred, patchify(imgs, mae.patch), mask, args.norm_pix_loss)  # this rank's images
+            loss, reg = mmae_loss(l_mae, common.gather(z), args.lam, args.mu, args.reg)  # TCR of the whole batch
             opt.zero_grad(set_to_none=True)
-            # the batch-wide regulariser is identical on every rank; x world undoes DDP's gradient mean
-            (l_mae + sign * args.lam * reg * world).backward()
+            loss.backward()
             opt.step()
             sums += torch.stack([loss, l_mae, reg]).detach()  # on the device: no host sync per step
             common.check_finite(sums[0], epoch, i)
-        m = (sums / steps).tolist() + [effective_rank(z)]  # one host sync; the rank of the epoch's last batch
+        m = (sums / steps).tolist() + [uncentred_effective_rank(z)]  # one host sync; the epoch's last batch
         if args.save_recon and common.world_rank()[1] == 0:
             save_recon(mae, imgs, args, stats, os.path.join(args.out_dir, f"recon_{epoch + 1:04d}.png"))
         common.end_epoch(args, epoch, model, backbone, opt, (memory, val, stats), device,

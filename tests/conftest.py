@@ -45,6 +45,18 @@ def arg_error(module, argv, capsys):
     return msg
 
 
+def random_init_knn(train, val, width=8, size=32):
+    """The floor of the learning tests: kNN top-1 (k=20) of the ResNet-18 a run with --seed 0 starts from (same
+    initial weights), on the same data, normalised with the training images' statistics, as the runs do."""
+    import torch
+
+    import common
+    torch.manual_seed(0)
+    net, _ = common.build_backbone("resnet18", size, width)
+    x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
+    return common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+
+
 def log_vmf_normalizer_by_quadrature(d, kappa, n=20000):
     """log C_D(kappa) from the integral I_v(k) = (k/2)^v / (sqrt(pi) Gamma(v + 1/2)) int_0^pi e^{k cos t} sin^{2v} t dt
     (v = D/2 - 1), i.e. log C_D = v log 2 - (D/2) log 2pi + log(pi)/2 + lgamma(v + 1/2) - log int(...). The integrand

@@ -46,15 +46,9 @@ def test_crop_area_follows_scale_range():
     assert ratio.min() < math.log(0.8) and ratio.max() > math.log(1.25)  # and it does use the range
 
 
-def test_pil_reference_pipeline_shapes():
-    x = common.synthetic(4, 0).images
-    aug = common.MultiCrop(32, torch.full((3,), 0.5), torch.full((3,), 0.25), 2, 2, backend="pil")
-    assert [tuple(v.shape) for v in aug(x, None)] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
-
-
 def test_multicrop_views_shapes_determinism_independence():
     x = common.synthetic(8, 0).images
-    aug = common.MultiCrop(32, torch.full((3,), 0.5), torch.full((3,), 0.25), n_global=2, n_local=3)
+    aug = common.MultiCrop(32, (torch.full((3,), 0.5), torch.full((3,), 0.25)), n_global=2, n_local=3)
     views = aug(x, torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
     again = aug(x, torch.Generator().manual_seed(0))
@@ -111,7 +105,7 @@ def test_synthetic_is_deterministic_balanced_and_split():
     assert torch.equal(a.images, b.images) and a.images.dtype == torch.uint8 and a.images.shape == (200, 3, 32, 32)
     assert torch.bincount(a.labels).tolist() == [20] * 10
     tr, va = common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val")
-    assert len(tr) == 5000 and len(va) == 1000 and not torch.equal(tr.images[:10], va.images[:10])
+    assert len(tr.images) == 5000 and len(va.images) == 1000 and not torch.equal(tr.images[:10], va.images[:10])
 
 
 def test_build_backbone_feature_dims():
@@ -174,8 +168,10 @@ def test_centroid_order_and_png(tmp_path):
 
 def test_check_finite_syncs_every_k_steps():
     common.check_finite(torch.tensor(float("nan")), 0, 3, every=50)  # not a checking step: no sync, no stop
-    with pytest.raises(SystemExit, match="the loss became nan at epoch 1"):
+    with pytest.raises(SystemExit, match=r"the loss became nan in epoch 1 \(within steps 1-50\)"):
         common.check_finite(torch.tensor(float("nan")), 0, 49, every=50)
+    with pytest.raises(SystemExit, match="the loss became inf in epoch 3;"):  # the end of an epoch
+        common.check_finite(float("inf"), 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +272,8 @@ def test_tinyimagenet_missing_says_where_to_put_it(tmp_path):
 
 
 def test_subset_is_fixed_random_and_covers_classes():
-    data = common.ImageTensors(torch.zeros(1000, 3, 1, 1, dtype=torch.uint8), torch.arange(1000) // 100)  # sorted
+    data = common.Split(torch.zeros(1000, 3, 1, 1, dtype=torch.uint8), torch.arange(1000) // 100)  # sorted
     a, b = common.subset(data, 200), common.subset(data, 200)
-    assert torch.equal(a.labels, b.labels) and len(a) == 200
+    assert torch.equal(a.labels, b.labels) and len(a.images) == 200
     assert torch.bincount(a.labels, minlength=10).min() >= 8  # every class present (a prefix would hold 2)
     assert common.subset(data, None) is data and common.subset(data, 5000) is data

@@ -1,5 +1,6 @@
 """Two gloo processes, each holding half of a fixed batch, reproduce the single-process losses, their
-gradients, DINO's centre, and one DDP optimiser step."""
+gradients, DINO's centre, and one DDP optimiser step. The training loops gather the whole batch with
+common.gather and back-propagate the loss as it is; that is what the workers do."""
 import os
 
 import torch
@@ -18,9 +19,10 @@ WORLD = 2
 
 
 def batch_losses(z1, z2, zv):
-    """The losses that need the whole batch, evaluated on (local or full) inputs."""
-    return {"simclr": simclr.nt_xent(z1, z2, 0.2), "hydes": hydes.hydes_loss(zv, 2.0)[0],
-            "entrec": entrec.sphere_entropy(z1, 10.0), "tcr": mmae.tcr(common.gather_with_grad(z1), 3.0)}  # mmae.train gathers before tcr
+    """The losses that need the whole batch, on the (gathered) batch, as the training loops call them."""
+    g = common.gather
+    return {"simclr": simclr.nt_xent(g(z1), g(z2), 0.2), "hydes": hydes.hydes_loss(g(zv, dim=1), 2.0)[0],
+            "entrec": entrec.sphere_entropy(g(z1), 10.0), "tcr": mmae.tcr(g(z1), 3.0)}
 
 
 def tiny_simclr():
@@ -39,17 +41,18 @@ def worker(rank, path, data, out):
         for t in (a, b, c):
             t.grad = None
         loss = batch_losses(a, b, c)[name]
-        (loss * WORLD).backward()  # as the training loops do: DDP then averages the ranks' gradients
+        loss.backward()  # as the training loops do
         res[name] = (loss.item(), (c.grad if name == "hydes" else a.grad).clone())
     crit = dino.DINOLoss(5, epochs=1)
-    res["dino_center"] = (crit([torch.zeros(n, 5)] * 3, [t[sl] for t in t_out], 0) * 0 + crit.center).clone()
+    crit([torch.zeros(n, 5)] * 3, [t[sl] for t in t_out], 0)
+    res["dino_center"] = crit.center.clone()
     # one DDP step of a small projector-like net (eval mode: BatchNorm uses its running statistics,
     # which are the same on every rank; CPU has no SyncBatchNorm)
     net = nn.parallel.DistributedDataParallel(tiny_simclr().eval())
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
     xs = x.view(2, 8, 6)[:, rank * 4:(rank + 1) * 4]  # (2 views, local images, 6)
-    (simclr.nt_xent(net(xs[0]), net(xs[1])) * WORLD).backward()
+    simclr.nt_xent(common.gather(net(xs[0])), common.gather(net(xs[1]))).backward()
     opt.step()
     res["step"] = [p.detach().clone() for p in net.module.parameters()]
     torch.save(res, f"{out}.{rank}")
@@ -87,8 +90,8 @@ def test_two_processes_equal_one(tmp_path):
             loss, grad = res[name]
             assert abs(loss - full[name]) < 1e-10, name  # every rank computes the whole-batch loss
             ref = grads[name][:, sl] if name == "hydes" else grads[name][sl]
-            # each rank back-propagates WORLD x loss and DDP averages over WORLD ranks: rank grad / WORLD
-            # equals the single-process gradient of its own rows
+            # the gather's backward sums the WORLD ranks' (equal) losses' gradients, and DDP then averages over the
+            # WORLD ranks: rank grad / WORLD is the single-process gradient of its own rows
             assert torch.allclose(grad / WORLD, ref, atol=1e-10), name
         assert torch.allclose(res["dino_center"], center, atol=1e-6)
         for p, q in zip(res["step"], net.parameters()):

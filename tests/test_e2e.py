@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, arg_error, call, run
+from conftest import TINY, arg_error, call, random_init_knn, run
 
 SIMCLR_TINY = TINY + ["--proj-hidden", "64", "--proj-dim", "32"]
 
@@ -105,10 +105,37 @@ def test_simclr_learns_on_synthetic(tmp_path):
         "--epochs", "10", "--warmup-epochs", "1", "--proj-hidden", "256", "--optimizer", "adamw", "--lr", "3e-3",
         "--wd", "1e-6", "--eval-every", "10", "--device", "cpu", "--out-dir", tmp_path)
     trained = json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["knn_top1"]
-    torch.manual_seed(0)  # the training run's seed: the same initial weights
-    net, _ = common.build_backbone("resnet18", 32, 8)
-    train, val = common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val")
-    x = train.images[:10000].float() / 255
-    random_init = common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+    random_init = random_init_knn(common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val"))
     print(f"random-init kNN {random_init:.1f}%, after SimCLR {trained:.1f}%")
     assert trained >= random_init + 8
+
+
+@pytest.mark.parametrize("script,arch,extra", [
+    ("simclr.py", "resnet18", ["--width", "64", "--proj-hidden", "64"]),
+    ("mmae.py", "vit_tiny", ["--decoder-depth", "1", "--decoder-dim", "32"])])
+def test_backbone_loads_into_plain_torchvision(tmp_path, script, arch, extra):
+    # one epoch, then eval_linear.py --export: a plain torchvision model takes the weights with only its classifier
+    # missing, and (its classifier removed) gives exactly the project backbone's pooled features
+    import torch.nn as nn
+    import torchvision
+    call(script, "--dataset", "synthetic", "--arch", arch, "--num-train", "128", "--batch-size", "64", "--epochs", "1",
+         "--eval-every", "0", "--device", "cpu", *extra, "--out-dir", tmp_path)
+    call("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--export", tmp_path / "backbone.pt")
+    state = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    if arch == "resnet18":
+        plain = torchvision.models.resnet18()
+        plain.conv1, plain.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()  # CIFAR stem (<= 64 px)
+        classifier = {"fc.weight", "fc.bias"}
+    else:
+        plain = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=3,
+                                                     hidden_dim=192, mlp_dim=768)
+        classifier = {"heads.head.weight", "heads.head.bias"}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert set(missing) == classifier and not unexpected
+    plain.fc = plain.heads = nn.Identity()
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    ours, _ = common.build_backbone(arch, 32, ck["args"]["width"])
+    ours.load_state_dict(ck["backbone"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), ours.eval()(x), atol=1e-5)

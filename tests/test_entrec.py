@@ -85,19 +85,17 @@ def test_discrete_reconstruction_is_symmetric_and_pairs_every_crop():
     # entrec_loss for dino: teacher crops t0, t1 against student crops s0, s1, s2 without (0, 0), (1, 1):
     # rec = [R(t0, s1) + R(t0, s2) + R(t1, s0) + R(t1, s2)] / 4 with the symmetric R; ent = mean of the two
     # global student crops' batch entropies; loss = rec - ent.
-    import types
     g = torch.Generator().manual_seed(0)
     s = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
     t = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(2)]
-    args = types.SimpleNamespace(variant="dino", teacher_temp=0.07, warmup_teacher_temp=0.04,
-                                 warmup_teacher_temp_epochs=4, student_temp=0.1)
     tau_t = 0.04 + 0.03 * 2 / 3  # epoch 2 of a 4-epoch linear warm-up from 0.04 to 0.07
+    assert entrec.teacher_temp(2, 0.04, 0.07, 4) == pytest.approx(tau_t) and entrec.teacher_temp(9, 0.04, 0.07, 4) == 0.07
     p_t = [torch.softmax(x / tau_t, 1) for x in t]
     p_s = [torch.softmax(x / 0.1, 1) for x in s]
     assert discrete_reconstruction(p_t[0], p_s[1]).item() == pytest.approx(discrete_reconstruction(p_s[1], p_t[0]).item())
     rec = sum(discrete_reconstruction(p_t[i], p_s[j]).item() for i, j in ((0, 1), (0, 2), (1, 0), (1, 2))) / 4
     ent = (discrete_entropy(p_s[0]).item() + discrete_entropy(p_s[1]).item()) / 2
-    loss, e, r = entrec.entrec_loss(s, t, None, args, epoch=2)
+    loss, e, r = entrec.entrec_loss(torch.stack(s), torch.stack(t), None, "dino", student_temp=0.1, teacher_temp=tau_t)
     assert (r.item(), e.item(), loss.item()) == pytest.approx((rec, ent, rec - ent), rel=1e-12)
 
 

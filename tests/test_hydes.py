@@ -76,20 +76,16 @@ def test_log_normalizer_independent_values():
 
 @pytest.mark.parametrize("module", ["hydes", "entrec"])  # the two files carry the same function (they stand alone)
 @pytest.mark.parametrize("d,expected", [(128, -676.0780228003058), (2048, 4676.81730600013)])
-def test_log_normalizer_large_kappa_fast_and_exact(module, d, expected):
-    # kappa = 1000: a series summed term by term from m = 0 needs ~kappa^2/4 terms; the code must answer at once.
+def test_log_normalizer_large_kappa_exact(module, d, expected):
+    # kappa = 1000: a series summed term by term from m = 0 would need ~kappa^2/4 terms (its speed: the benchmark).
     # Expected values: mpmath besseli at 30 digits (log C = v log k - (D/2) log 2pi - log I_v(k)), and the same by
     # quadrature of I_v's integral representation, computed here.
     import importlib
-    import time
     log_c = importlib.import_module(module).log_vmf_normalizer
-    log_c.cache_clear()
-    t = time.perf_counter()
     value = log_c(d, 1000.0)
-    assert time.perf_counter() - t < 0.5
     assert value == pytest.approx(expected, abs=1e-9)
     assert value == pytest.approx(log_vmf_normalizer_by_quadrature(d, 1000.0), abs=1e-9)
-    for kappa in (1e4, 1e6):  # still fast and finite far beyond any practical kappa
+    for kappa in (1e4, 1e6):  # still finite far beyond any practical kappa
         assert math.isfinite(log_c(d, kappa))
 
 
@@ -162,14 +158,11 @@ def test_hydes_learns_on_synthetic(tmp_path):
     # random init 25.6% kNN top-1, after HyDeS 35.2% (41.1% after 6 epochs, 53.2% after 10). Asked for: 6 points
     # above the same backbone's random init.
     import common
+    from conftest import random_init_knn
     call("hydes.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--batch-size", "128",
         "--epochs", "4", "--warmup-epochs", "1", "--proj-hidden", "256", "--lr", "3e-3", "--local-crops", "2",
         "--kappa", "10", "--eval-every", "4", "--device", "cpu", "--out-dir", tmp_path)
     trained = json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["knn_top1"]
-    torch.manual_seed(0)
-    net, _ = common.build_backbone("resnet18", 32, 8)
-    train, val = common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val")
-    x = train.images.float() / 255
-    random_init = common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+    random_init = random_init_knn(common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val"))
     print(f"random-init kNN {random_init:.1f}%, after HyDeS {trained:.1f}%")
     assert trained >= random_init + 6

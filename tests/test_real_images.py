@@ -9,10 +9,9 @@ import os
 import zipfile
 
 import pytest
-import torch
 
 import common
-from conftest import ROOT, call
+from conftest import ROOT, call, random_init_knn
 
 DATA = os.environ.get("SSL_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 ZIP = os.path.join(DATA, "tin10-64.zip")
@@ -32,12 +31,8 @@ def tin10(tmp_path_factory):
 
 def floor(data_dir):
     """kNN top-1 (k=20) of the randomly initialised backbone a run with --seed 0 starts from, on the same data."""
-    torch.manual_seed(0)
-    net, _ = common.build_backbone("resnet18", 32, 8)
     train = common.subset(common.get_dataset("folder", str(data_dir), "train", image_size=32), 2000)
-    val = common.get_dataset("folder", str(data_dir), "val", image_size=32)
-    x = train.images.float() / 255
-    return common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+    return random_init_knn(train, common.get_dataset("folder", str(data_dir), "val", image_size=32))
 
 
 def trained(script, tmp_path, data_dir, *flags):

@@ -1,7 +1,7 @@
 """Small-batch robustness of EntRec (a script, not a test): trains `entrec.py --variant byol` on synthetic
 data at two batch sizes for the same number of epochs and prints the final kNN top-1 of each.
 
-    python tests/entrec_small_batch.py --epochs 10 --batch-sizes 16 128 [--device cuda] [extra entrec flags]
+    python tests/scripts/entrec_small_batch.py --epochs 10 --batch-sizes 16 128 [--device cuda] [extra entrec flags]
 """
 import argparse
 import json
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=10)

@@ -2,9 +2,9 @@
 each method over a bare backbone forward+backward on the same crops, AMP agreement, and the data
 pipeline: batched multi-crop augmentation vs a per-image PIL torchvision pipeline doing the same crops.
 
-    python tests/benchmark.py                      # CUDA with bf16 autocast when present, else CPU
-    python tests/benchmark.py --device cpu --width 16 --batch-size 64
-    python tests/benchmark.py --peer lightly       # end to end against lightly (pip install lightly)
+    python tests/scripts/benchmark.py                      # CUDA with bf16 autocast when present, else CPU
+    python tests/scripts/benchmark.py --device cpu --width 16 --batch-size 64
+    python tests/scripts/benchmark.py --peer lightly       # end to end against lightly (pip install lightly)
 
 --peer lightly times, in one run, the same SimCLR step and the same DINO step (2 + 6 crops) written as lightly's
 examples write them (its losses, heads and transforms; a torch DataLoader with workers feeding PIL images;
@@ -18,8 +18,9 @@ import time
 
 import torch
 import torch.nn as nn
+import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
 import dino  # noqa: E402
 import entrec  # noqa: E402
@@ -47,6 +48,24 @@ def timed(fn, device, steps, warmup=3):
     return (time.perf_counter() - t) / steps
 
 
+def pil_multicrop(stats, n_global, n_local, image_size=32):
+    """The per-image reference the batched MultiCrop is timed against: torchvision transforms on PIL images, one image
+    at a time on the CPU, the same crops, jitter and grayscale (no blur/solarisation: 32 px)."""
+    from PIL import Image
+    T = torchvision.transforms
+
+    def chain(size, scale):
+        return T.Compose([T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+                          T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                          T.ToTensor(), T.Normalize(stats[0].tolist(), stats[1].tolist())])
+    chains = [chain(image_size, (0.4, 1.0))] * n_global + [chain(image_size // 2, (0.05, 0.4))] * n_local
+
+    def crops(x):
+        pils = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x]
+        return [torch.stack([tf(p) for p in pils]) for tf in chains]
+    return crops
+
+
 def build(name, margs, device):
     """-> (model, loss_of(views) -> scalar loss, backbone) for one method, as its train() builds them."""
     mod = METHODS[name][0]
@@ -60,10 +79,10 @@ def build(name, margs, device):
         return model, lambda v: hydes.hydes_loss(model(v), margs.kappa)[0], backbone
     if name == "dino":
         model = dino.DINO(backbone, dim, margs)
-        return model, lambda v: model.criterion(*model(v), 0), backbone
+        return model, lambda v: model.criterion(*model(v), 0)[0], backbone
     if name == "entrec":
         model = entrec.EntRec(backbone, dim, margs)
-        return model, lambda v: entrec.entrec_loss(*model(v), margs)[0], backbone
+        return model, lambda v: entrec.entrec_loss(*model(v), margs.variant, margs.kappa)[0], backbone
     model = mmae.MAE(backbone, dim, margs)
 
     def loss_of(v):
@@ -123,7 +142,7 @@ def ours_end_to_end(name, margs, device, images, batch, amp, steps):
     model, loss_fn, _ = build(name, margs, device)
     model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    aug = common.MultiCrop(32, torch.full((3,), 0.5), torch.full((3,), 0.25), n_global, n_local, scale)
+    aug = common.MultiCrop(32, (torch.full((3,), 0.5), torch.full((3,), 0.25)), n_global, n_local, scale)
     g = torch.Generator(device=device).manual_seed(0)
     x = images[:batch].to(device)
 
@@ -212,7 +231,7 @@ def peer_lightly(args, device, amp):
     for name in ("simclr", "dino"):
         mod = METHODS[name][0]
         margs = mod.get_args(["--arch", args.arch, "--width", str(args.width), "--dataset", "synthetic",
-                              "--out-dir", "/tmp/bench"] + (["--local-crops", "6"] if name == "dino" else []))
+                              "--out-dir", f"/tmp/bench-{os.getpid()}"] + (["--local-crops", "6"] if name == "dino" else []))
         t_ours = ours_end_to_end(name, margs, device, images, args.batch_size, amp, args.steps)
         t_peer = lightly_end_to_end(name, args, device, images, amp, args.steps)
         b = args.batch_size
@@ -245,16 +264,16 @@ def main():
             continue
         arch = "vit_tiny" if name == "mmae" else args.arch
         margs = mod.get_args(["--arch", arch, "--width", str(args.width), "--dataset", "synthetic",
-                              "--out-dir", "/tmp/bench"] + (["--local-crops", "6"] if name == "dino" else []))
-        aug = common.MultiCrop(32, mean, std, n_global, n_local, scale, color=name != "mmae")
+                              "--out-dir", f"/tmp/bench-{os.getpid()}"] + (["--local-crops", "6"] if name == "dino" else []))
+        aug = common.MultiCrop(32, (mean, std), n_global, n_local, scale, color=name != "mmae")
         method_step(name, margs, device, x, aug, amp, args.steps)
     # data pipeline: 2 global + 6 local crops of 32 px images
-    aug = common.MultiCrop(32, mean, std, 2, 6)
+    aug = common.MultiCrop(32, (mean, std), 2, 6)
     g = torch.Generator(device=device).manual_seed(0)
     xb = images[:512].to(device)
     t_batched = timed(lambda: aug(xb, g), device, 5, warmup=2)
-    pil = common.MultiCrop(32, mean, std, 2, 6, backend="pil")
-    t_pil = timed(lambda: pil(images[:512], None), torch.device("cpu"), 1, warmup=0)
+    pil = pil_multicrop((mean, std), 2, 6)
+    t_pil = timed(lambda: pil(images[:512]), torch.device("cpu"), 1, warmup=0)
     print(f"multi-crop 2x32px + 6x16px on 512 images: batched ({device.type}) {512 / t_batched:9.0f} img/s, "
           f"PIL per-image (1 CPU process) {512 / t_pil:7.0f} img/s, ratio {t_pil / t_batched:6.1f}x")
 

@@ -2,9 +2,9 @@
 evaluate each checkpoint with eval_linear.py, and print one markdown table (kNN k=20 / k=200, linear top-1, train
 seconds) with the random-init floor of each backbone, measured by the same evaluation.
 
-    python tests/real_images.py                                   # tin100-32, CPU-sized budget (hours on 2 cores)
-    python tests/real_images.py --num-train 0 --width 64 --epochs 100 --batch-size 256   # full data, GPU
-    python tests/real_images.py --runs "hydes kappa 10=hydes.py --kappa 10" "MAE=mmae.py --lam 0"
+    python tests/scripts/real_images.py                                   # tin100-32, CPU-sized budget (hours on 2 cores)
+    python tests/scripts/real_images.py --num-train 0 --width 64 --epochs 100 --batch-size 256 --time-limit 480  # GPU
+    python tests/scripts/real_images.py --runs "hydes kappa 10=hydes.py --kappa 10" "MAE=mmae.py --lam 0"
 
 Default data: ../shared/data/tin100-32.zip (100 Tiny-ImageNet classes at 32 px, 50k/5k), unzipped once into
 data/tin100. Every run keeps its folder under --out; a finished run is not trained again, an interrupted one
@@ -23,7 +23,7 @@ import zipfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
@@ -50,6 +50,8 @@ def get_args():
     p.add_argument("--runs", nargs="*", default=[], help='extra rows, "NAME=script.py --flag value ..."')
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "real"))
+    p.add_argument("--time-limit", type=float, default=0, help="stop after about this many seconds (0: no limit), "
+                   "between epochs of a run, and print how to continue: the GPU machine gives 10 minutes a command")
     return p.parse_args()
 
 
@@ -85,9 +87,17 @@ def random_init_checkpoint(path, arch, args):
     common.save_checkpoint(path, {"args": saved, "epoch": 0, "backbone": backbone.state_dict()})
 
 
+DEADLINE = [None]  # set by --time-limit
+
+
 def run(cmd, log):
+    left = None if DEADLINE[0] is None else DEADLINE[0] - time.time()
     with open(log, "a") as f:
-        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=left)
+        except subprocess.TimeoutExpired:  # killed: its last.pt holds the last finished epoch; --resume continues
+            sys.exit(f"stopped by --time-limit during {' '.join(cmd[:1])} ({log}); run the same command again to "
+                     f"continue from the last finished epoch:\n  python {' '.join(sys.argv)}")
     if p.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed (exit {p.returncode}); see {log}")
 
@@ -108,10 +118,12 @@ def train_and_eval(name, script_flags, args):
         if not done:
             print(f"training {name}: {script} {' '.join(flags)}", flush=True)
             t = time.time()
-            run([script, *budget_flags(args), *flags, "--out-dir", folder] + (["--resume"] if os.path.isfile(ck) else []),
-                os.path.join(folder, "train.log"))
-            seconds += time.time() - t
-            json.dump({"seconds": seconds}, open(timing, "w"))
+            try:
+                run([script, *budget_flags(args), *flags, "--out-dir", folder] + (["--resume"] if os.path.isfile(ck) else []),
+                    os.path.join(folder, "train.log"))
+            finally:  # the wall time of a run made in pieces is the sum of its pieces
+                seconds += time.time() - t
+                json.dump({"seconds": seconds}, open(timing, "w"))
             if os.path.isfile(ev):
                 os.remove(ev)
     if not os.path.isfile(ev):
@@ -127,6 +139,7 @@ def train_and_eval(name, script_flags, args):
 
 def main():
     args = get_args()
+    DEADLINE[0] = time.time() + args.time_limit if args.time_limit else None
     prepare_data(args)
     runs = [("random init, ResNet-18", "random-init resnet18")]
     runs += [(m, METHODS[m] + (" --arch vit_tiny" if m == "M-MAE" else "")) for m in args.methods]
