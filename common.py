@@ -44,18 +44,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def number(kind=float, lo=None, hi=None, open_lo=False, open_hi=False):
-    """argparse type: a finite int or float within [lo, hi] (an open end with open_lo / open_hi)."""
-    rng = " and ".join([f"{'>' if open_lo else '>='} {lo}"] * (lo is not None) + [f"{'<' if open_hi else '<='} {hi}"] * (hi is not None))
+def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
+    """argparse type: a finite int or float in the interval lo..hi (closed ends unless open_lo / open_hi)."""
+    interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi or hi == math.inf else ']'}"
 
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
-        if not math.isfinite(x) or (lo is not None and (x <= lo if open_lo else x < lo)) or (
-                hi is not None and (x >= hi if open_hi else x > hi)):
-            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + rng if rng else ''}, got {text}")
+            x = math.nan
+        if not (math.isfinite(x) and (lo < x if open_lo else lo <= x) and (x < hi if open_hi else x <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {interval}, "
+                                             f"got {text}")
         return x
     return parse
 
@@ -161,7 +161,7 @@ def parse(p, argv=None):
     return args
 
 
-def holds_run(folder):
+def holds_run(folder):  # a run's files: a new run never writes into such a folder
     return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "log.jsonl"))
 
 
@@ -328,10 +328,8 @@ def _tinyimagenet_split(data_dir, split, size, skip_bad, download):
     val/val_annotations.txt, wnids.txt; labels are the sorted wnids. data_dir holds tiny-imagenet-200/ or is it."""
     root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
     if not os.path.isfile(os.path.join(root, "wnids.txt")) and download:
-        try:
+        with contextlib.suppress(Exception):  # offline: the line below says where to put it
             torchvision.datasets.utils.download_and_extract_archive(TINY_IMAGENET_URL, data_dir)
-        except Exception as e:
-            print(f"download of {TINY_IMAGENET_URL} failed ({type(e).__name__})", file=sys.stderr)
     if not os.path.isfile(os.path.join(root, "wnids.txt")):
         die(f"Tiny-ImageNet is not in {data_dir}: extract tiny-imagenet-200.zip ({TINY_IMAGENET_URL}) there, so that "
             f"{os.path.join(data_dir, 'tiny-imagenet-200', 'wnids.txt')} exists, or point --data-dir at that folder")

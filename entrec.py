@@ -13,9 +13,7 @@ von Mises-Fisher kernel of concentration kappa:
   * log q(z2 | z1) = log C_D(kappa) + kappa mu(z1).z2, mu(z1) = the (predicted, normalised) other view.
 On a discrete support (softmax heads), H = entropy of the batch-mean distribution and the reconstruction is
 the symmetric cross-entropy. `--variant` keeps the architecture of SimCLR, BYOL (default: predictor + EMA
-target) or DINO (DINO's head with L2-normalised bottleneck and weight-normalised prototypes, EMA teacher,
-teacher-temperature warm-up, optional local crops) and replaces its objective by ER; for DINO the entropy
-term replaces centring.
+target) or DINO (its head, EMA teacher, teacher-temperature warm-up, local crops; the entropy replaces centring).
 
 Against the official code (apple/ml-entropy-reconstruction, which ships the two loss functions):
   * log C_D(kappa) is exact here; the official log(I_v(kappa) + 1e-7) is 83.1 nats off at D = 128, kappa = 10
@@ -27,8 +25,7 @@ Against the official code (apple/ml-entropy-reconstruction, which ships the two 
     -mean_k log(pbar_k + eps), is refused: it is smallest at a uniform pbar, so maximising it favours collapse;
   * optimiser: AdamW with a cosine schedule, where the paper's runs use LARS.
 
-Run:     python entrec.py --dataset cifar10 --variant byol
-Offline: python entrec.py --dataset synthetic --width 16 --epochs 20 --device cpu
+Run:     python entrec.py --dataset cifar10 --variant byol      (offline: --dataset synthetic --width 16 --device cpu)
 Results: README.md.
 """
 import argparse
