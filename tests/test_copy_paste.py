@@ -91,7 +91,7 @@ def test_copied_loss_equals_the_file_and_is_fp32_under_autocast(case):
 def test_copied_helpers_agree():
     h, e, m, d = copied("hydes"), copied("entrec"), copied("mmae"), copied("dino")
     assert h.log_vmf_normalizer(128, 10.0) == pytest.approx(126.6639961151, abs=1e-8)  # the value the tests derive
-    assert e.log_vmf_normalizer(2048, 10.0) == hydes.log_vmf_normalizer(2048, 10.0)
+    assert e.log_vmf_normalizer(2048, 10.0) == pytest.approx(4898.3594488824, abs=1e-7)  # computed independently
     assert e.teacher_temp(3, 0.04, 0.07, 7) == pytest.approx(0.055)  # half way through a 7-epoch warm-up
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(m.unpatchify(m.patchify(x, 4), 4), x)
