@@ -1,8 +1,7 @@
 """Plumbing shared by every method file: data, batched augmentation, backbones, training utilities.
 
-Nothing method-specific lives here (no losses, heads or teachers). Every dataset is decoded once into
-a uint8 tensor (N, 3, H, W) that sits on the training device; augmentation runs as batched tensor ops
-on that device, so a GPU run is never waiting for per-image CPU work.
+Nothing method-specific lives here (no losses, heads or teachers). Every dataset is decoded once into a uint8 tensor
+(N, 3, H, W) on the training device; augmentation runs as batched tensor ops there, never per image on the CPU.
 """
 import argparse
 import collections
@@ -33,27 +32,22 @@ def die(msg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments
+# Arguments and run folders
 # ----------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" unless the help already states its default or the default is resolved later (None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+    def _get_help_string(self, action):  # no "(default: ...)" where the help says it or it is resolved later (None)
+        return action.help if action.default is None or "default" in action.help else super()._get_help_string(action)
 
 
 def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
     """argparse type: a finite int or float in the interval lo..hi (closed ends unless open_lo / open_hi)."""
-    interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi or hi == math.inf else ']'}"
-
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
             x = math.nan
         if not (math.isfinite(x) and (lo < x if open_lo else lo <= x) and (x < hi if open_hi else x <= hi)):
+            interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi or hi == math.inf else ']'}"
             raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {interval}, "
                                              f"got {text}")
         return x
@@ -61,23 +55,22 @@ def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
 
 
 POSITIVE, NONNEG, FRACTION = number(float, 0, open_lo=True), number(float, 0), number(float, 0, 1)
-COUNT, NONNEG_INT = number(int, 1), number(int, 0)
-SCALE = number(float, 0, 1, open_lo=True)  # a crop's area fraction
+COUNT, NONNEG_INT, SCALE = number(int, 1), number(int, 0), number(float, 0, 1, open_lo=True)  # SCALE: a crop's area
 
 
-def add_common_args(p, lr_batch=256, recipe=None):
-    """The flags every method file shares. lr_batch: the batch size --lr is given for (the run scales it linearly);
-    recipe: where --optimizer, --lr and --wd get their defaults when they are resolved later."""
-    p.allow_abbrev = False  # --resume compares the flags given by name
-    a, later = p.add_argument, f" (default: {recipe})" if recipe else ""
+def add_common_args(p, lr_batch=256, recipe=None, crops=False):
+    """The flags every method file shares; a method sets its defaults with p.set_defaults. lr_batch: the batch --lr is
+    given for (scaled linearly); recipe: where --optimizer/--lr/--wd defaults come from when resolved later; crops:
+    the multi-crop flags too."""
+    p.allow_abbrev, a, later = False, p.add_argument, f" (default: {recipe})" if recipe else ""
     a("--dataset", default="cifar10", choices=DATASETS, help="pretraining data; 'synthetic' needs no download")
     a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*; "
       "tinyimagenet: DATA_DIR/tiny-imagenet-200/)")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download torchvision datasets if missing")
-    a("--image-size", type=number(int, 8), default=None, help="folder/tinyimagenet: decode to this size (default: "
-      "tinyimagenet 64; folder the images' most common size, at most 64)")
+    a("--image-size", type=number(int, 8), help="folder/tinyimagenet: decode size (default: tinyimagenet 64; folder "
+      "the images' most common size, at most 64)")
     a("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip files that cannot be decoded")
-    a("--num-train", type=COUNT, default=None, help="train on a fixed random subset of N images (quick runs)")
+    a("--num-train", type=COUNT, help="train on a fixed random subset of N images (quick runs)")
     a("--arch", default="resnet18", choices=ARCHS, help="backbone; CIFAR stem for ResNets on <=64 px")
     a("--width", type=COUNT, default=64, help="ResNet base width (64 = standard); 16 makes a CPU-sized net")
     a("--epochs", type=COUNT, default=200, help="training epochs")
@@ -88,11 +81,15 @@ def add_common_args(p, lr_batch=256, recipe=None):
     a("--wd", type=NONNEG, help="weight decay, on weights only (not biases and norm layers)" + later)
     a("--warmup-epochs", type=NONNEG, default=10, help="linear lr warm-up before the cosine decay")
     a("--global-scale", type=SCALE, nargs=2, metavar=("LO", "HI"), help="area range of the (global) crops")
+    if crops:
+        a("--global-crops", type=COUNT, help="large crops per image")
+        a("--local-crops", type=NONNEG_INT, help="small crops (half the image side) per image")
+        a("--local-scale", type=SCALE, nargs=2, default=(0.05, 0.4), metavar=("LO", "HI"), help="their area range")
     a("--seed", type=int, default=0, help="random seed (runs are deterministic on CPU)")
-    a("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<arch>, or that name with -2, -3, "
-      "... when it holds another run); an --out-dir that holds a run is only continued, with --resume")
-    a("--resume", nargs="?", const="auto", default=None, help="continue a run: from PATH, or from --out-dir's last.pt, "
-      "or from the newest runs/<method>-<dataset>-<arch>*; flags not given take the checkpoint's values")
+    a("--out-dir", help="run folder (default: runs/<method>-<dataset>-<arch>, or that name with -2, -3, ... when it "
+      "holds another run); an --out-dir that holds a run is only continued, with --resume")
+    a("--resume", nargs="?", const="auto", help="continue a run: from PATH, or from --out-dir's last.pt, or from the "
+      "newest runs/<method>-<dataset>-<arch>*; flags not given take the checkpoint's values")
     a("--save-every", type=NONNEG_INT, default=0, help="also keep a copy of the checkpoint every K epochs (0: only last.pt)")
     a("--eval-every", type=NONNEG_INT, default=10, help="weighted-kNN monitor on the held-out split every K epochs (0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
@@ -101,86 +98,69 @@ def add_common_args(p, lr_batch=256, recipe=None):
     p.set_defaults(lr_batch=lr_batch)
 
 
-def add_crop_args(p):
-    """Multi-crop flags; each method sets their defaults (p.set_defaults)."""
-    p.add_argument("--global-crops", type=COUNT, help="large crops per image")
-    p.add_argument("--local-crops", type=NONNEG_INT, help="small crops (half the image side) per image")
-    p.add_argument("--local-scale", type=SCALE, nargs=2, default=(0.05, 0.4), metavar=("LO", "HI"),
-                   help="area range of the small crops")
-
-
 # run settings a resumed run may change; every other saved value must stay as it was
-FREE = {"resume", "out_dir", "epochs", "device", "amp", "compile", "data_dir", "download", "skip_bad_images",
-        "eval_every", "save_every"}
+FREE = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
+        "save_every"}
 
 
 def parse(p, argv=None):
-    """Parse and check the flags, then choose the run folder. A new run never writes into a folder that holds another
-    run. With --resume, flags not given take the checkpoint's values (resolved ones too: decode size, recipe,
-    normalisation), a given flag that differs from the checkpoint is an error, and --epochs may grow."""
+    """Parse, check, and choose the run folder: a new run never writes into a folder that holds another run. With
+    --resume, flags not given take the checkpoint's values (resolved ones too: decode size, recipe, normalisation), a
+    given flag that differs from the checkpoint is an error, and --epochs may grow."""
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions for o in a.option_strings if any(x == o or x.startswith(o + "=") for x in argv)}
     for name in ("global_scale", "local_scale"):
-        r = getattr(args, name, None)
-        if r is not None and r[0] > r[1]:
-            die(f"--{name.replace('_', '-')} needs LO <= HI, got {r[0]} {r[1]}")
+        if getattr(args, name, None) is not None and getattr(args, name)[0] > getattr(args, name)[1]:
+            die(f"--{name.replace('_', '-')} needs LO <= HI, got {' '.join(map(str, getattr(args, name)))}")
     try:
         torch.device("cpu" if args.device == "auto" else args.device)
     except RuntimeError:
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
     default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    has_run = lambda d: any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl"))  # noqa: E731
     if not args.resume:
-        if args.out_dir is None:
-            args.out_dir = next(d for d in [default] + [f"{default}-{k}" for k in range(2, 10**6)] if not holds_run(d))
-        elif holds_run(args.out_dir):
+        if args.out_dir and has_run(args.out_dir):
             die(f"--out-dir {args.out_dir} holds another run: continue it with --resume, or choose a new --out-dir")
+        args.out_dir = args.out_dir or next(d for d in [default] + [f"{default}-{k}" for k in range(2, 10**6)]
+                                            if not has_run(d))
         return args
     if args.resume == "auto":
-        runs = [args.out_dir] if args.out_dir else glob.glob(default) + glob.glob(default + "-[0-9]*")
-        runs = [d for d in runs if os.path.isfile(os.path.join(d, "last.pt"))]
+        runs = [d for d in ([args.out_dir] if args.out_dir else glob.glob(default) + glob.glob(default + "-[0-9]*"))
+                if os.path.isfile(os.path.join(d, "last.pt"))]
         if not runs:
             die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
         args.resume = os.path.join(max(runs, key=lambda d: os.path.getmtime(os.path.join(d, "last.pt"))), "last.pt")
-    args.out_dir = args.out_dir or os.path.dirname(args.resume) or "."
-    ck = load_checkpoint(args.resume)
-    saved, differ = ck["args"], []
-    if saved.get("method") != args.method:
-        die(f"{args.resume} is a {saved.get('method')} checkpoint, not {args.method}")
-    for k, v in saved.items():
-        if k in given and k != "epochs" and k not in FREE and json.dumps(getattr(args, k)) != json.dumps(v):
-            differ.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})")
-        elif k not in given and k not in FREE - {"epochs"}:
-            setattr(args, k, v)
+    args.out_dir, ck = args.out_dir or os.path.dirname(args.resume) or ".", load_checkpoint(args.resume)
+    if ck["args"].get("method") != args.method:
+        die(f"{args.resume} is a {ck['args'].get('method')} checkpoint, not {args.method}")
+    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in ck["args"].items()
+              if k in given and k not in FREE | {"epochs"} and json.dumps(getattr(args, k)) != json.dumps(v)]
     if differ:
         die(f"--resume {args.resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
+    for k, v in ck["args"].items():
+        if k not in given and k not in FREE:
+            setattr(args, k, v)
     if ck["epoch"] >= args.epochs:
-        print(f"{args.resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger --epochs "
-              f"to train on)", file=sys.stderr)
+        print(f"{args.resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger "
+              f"--epochs to train on)", file=sys.stderr)
         raise SystemExit(0)
     return args
 
 
-def holds_run(folder):  # a run's files: a new run never writes into such a folder
-    return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "log.jsonl"))
-
-
 # ----------------------------------------------------------------------------------------------
-# Data: every split becomes uint8 (N, 3, H, W) + int64 labels (-1 = unlabelled)
+# Data: every split becomes uint8 images (N, 3, H, W) + int64 labels (N,) (-1 = unlabelled)
 # ----------------------------------------------------------------------------------------------
-Split = collections.namedtuple("Split", "images labels")  # uint8 (N, 3, H, W), int64 (N,)
+Split = collections.namedtuple("Split", "images labels")
+
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half-disk", "two-dots", "frame")
 
 
 @functools.lru_cache(maxsize=4)  # made once per process (read-only afterwards)
 def synthetic(n, seed, size=32):
-    """Ten shape kinds with a colour from a palette of four, random position, scale and
-    slight rotation, on one of three dark backgrounds with a random shading gradient and pixel noise.
-
-    The label is the shape kind alone; colour, brightness, position and scale are nuisances that the SSL
-    augmentations (crops, colour jitter) remove, so a short SSL run measurably beats a random network.
-    """
+    """Ten shape kinds (the label) with nuisances the SSL augmentations remove: a colour from a palette of four,
+    position, scale, slight rotation, a dark background with a random shading gradient, pixel noise."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     y = torch.arange(n) % len(SHAPES)
@@ -220,32 +200,23 @@ def synthetic(n, seed, size=32):
     return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), y)
 
 
+IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
+
+
 def _images_in(folder, seen):
-    """Image files under `folder`, sorted; other files are ignored, as ImageFolder does. Symbolic links are followed,
-    but no real folder is entered twice (`seen`: real paths, shared by all classes of a split), so a link loop
-    cannot hang and a link to another class's folder cannot relabel its images."""
+    """Image files under `folder`, sorted (other files are ignored, as ImageFolder does). Links are followed, but no
+    real folder twice (`seen`, shared by a split's classes): a link loop cannot hang, a link cannot relabel."""
     found = []
     for d, subdirs, files in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(s for s in subdirs if os.path.realpath(os.path.join(d, s)) not in seen)
         seen.update(os.path.realpath(os.path.join(d, s)) for s in subdirs)
-        found += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
+        found += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 
 
-def _rgb(im):
-    """PIL image -> RGB. 16-bit and float images (modes I;16, I, F) are scaled from their value range (I;16: 65535;
-    I, F: the smallest of 1, 255, 65535 that holds the maximum), where PIL's own conversion clips them to white."""
-    from PIL import Image
-    if im.mode[0] not in "IF":
-        return im.convert("RGB")  # grayscale, palette, RGBA, CMYK, ...
-    a = np.asarray(im, dtype=np.float64)
-    top = 65535.0 if im.mode.startswith("I;16") else next((t for t in (1.0, 255.0, 65535.0) if a.max() <= t), a.max())
-    return Image.fromarray((a * 255 / top).clip(0, 255).round().astype(np.uint8)).convert("RGB")
-
-
 class _Decoded(torch.utils.data.Dataset):
-    """File i -> (uint8 (3, S, S) RGB, shorter side resized to S then centre-cropped; status 0 ok, 1 unreadable,
-    2 too large; its shorter side). A bad file never ends a run from inside a DataLoader worker."""
+    """File i -> (uint8 (3, S, S): shorter side resized to S, centre crop; status 0 ok, 1 unreadable, 2 too large;
+    its shorter side). 16-bit and float images (I;16, I, F) are scaled from their range, where PIL would clip."""
 
     def __init__(self, files, size):
         tf = torchvision.transforms
@@ -259,30 +230,32 @@ class _Decoded(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.files[i]) as im:
-                return self.tf(_rgb(im)), 0, min(im.size)
-        except Image.DecompressionBombError:
-            status = 2
-        except Exception:  # UnidentifiedImageError, truncated file (OSError), missing file, ...
-            status = 1
-        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), status, 0
+                if im.mode[0] in "IF":  # I;16: 0..65535; I, F: the first of 1, 255, 65535 that holds the maximum
+                    a = np.asarray(im, dtype=np.float64)
+                    top = next((t for t in (1, 255, 65535) if a.max() <= t), a.max())
+                    im = Image.fromarray((a * 255 / (65535 if im.mode.startswith("I;16") else top)).clip(0, 255)
+                                         .round().astype(np.uint8))
+                return self.tf(im.convert("RGB")), 0, min(im.size)  # grayscale, palette, RGBA, CMYK -> RGB
+        except Exception as e:  # never end a run from a DataLoader worker: report, and decide in _decode
+            bad = 2 if isinstance(e, Image.DecompressionBombError) else 1
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), bad, 0
 
 
 def _decode(files, labels, size, skip_bad, where):
-    """Decode image files once (parallel workers) into ImageTensors at size px; undecodable files are an error or
-    skipped; the size and the count of resized images are printed."""
+    """Decode image files once (parallel workers) at `size` px (default: the most common shorter side of up to 1000
+    evenly spaced files, at most 64); undecodable files are an error or skipped; the size used is printed."""
+    from PIL import Image
     if not files:
         die(f"no image files found under {where}")
-    if not size:  # the most common shorter side among (up to 1000 evenly spaced) files, at most 64 px
-        from PIL import Image
+    if not size:
         sides = collections.Counter()
         for f in files[:: max(1, len(files) // 1000)]:
             with contextlib.suppress(Exception), Image.open(f) as im:
                 sides[min(im.size)] += 1
         size = min(64, sides.most_common(1)[0][0]) if sides else 64
     loader = torch.utils.data.DataLoader(_Decoded(files, size), batch_size=256, num_workers=min(8, os.cpu_count() or 1))
-    xs, status, sides = zip(*tqdm(loader, desc=f"decoding {where}", leave=False))
-    x, status, sides, y = torch.cat(xs), torch.cat(status), torch.cat(sides), torch.as_tensor(labels)
-    for code, what in ((2, "are too large to decode (over PIL's limit of ~179 million pixels)"),
+    x, status, sides = (torch.cat(t) for t in zip(*tqdm(loader, desc=f"decoding {where}", leave=False)))
+    for code, what in ((2, "are too large to decode (PIL's limit: ~179 million pixels)"),
                        (1, "cannot be read as images")):
         bad = [files[i] for i in (status == code).nonzero().flatten().tolist()]
         if bad and not skip_bad:
@@ -294,79 +267,68 @@ def _decode(files, labels, size, skip_bad, where):
     ok = status == 0
     print(f"decoded {int(ok.sum())} images under {where} at {size} px ({int((sides[ok] != size).sum())} resized)",
           file=sys.stderr)
-    return Split(x[ok], y[ok])
+    return Split(x[ok], torch.as_tensor(labels)[ok])
 
 
-def _folder_split(root, split, size, skip_bad):
-    """ImageFolder layout. Classes are the sub-folders of train/, numbered in sorted order; val/ sub-folders are
-    matched to them by name (val may hold fewer classes), so labels mean the same thing in both splits."""
-    train = os.path.join(root, "train")
-    path = os.path.join(root, "val") if split == "val" else train
+def _folder_files(root, split):
+    """ImageFolder layout: classes are the sorted sub-folders of train/; val/ sub-folders are matched to them by name
+    (val may hold fewer), so labels mean the same in both splits. Tiny-ImageNet's train/ has this layout too."""
+    train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
     if not os.path.isdir(path):
         die(f"--dataset folder expects images under {path}/<class>/*.jpg (set --data-dir)")
     classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if os.path.isdir(train) else []
     if not classes:
         die(f"--dataset folder: no class sub-folders in {train}")
-    index = {c: i for i, c in enumerate(classes)}
     found = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    seen = {os.path.realpath(os.path.join(path, c)) for c in found}
-    files, labels = [], []
+    seen, files, labels = {os.path.realpath(os.path.join(path, c)) for c in found}, [], []
     for c in found:
-        if c not in index:
+        if c not in classes:
             die(f"class folder '{c}' of {path} is not a class of {train}: val classes are matched to train classes "
                 f"by folder name")
         images = _images_in(os.path.join(path, c), seen)
-        files, labels = files + images, labels + [index[c]] * len(images)
-    return _decode(files, labels, size, skip_bad, path)
+        files, labels = files + images, labels + [classes.index(c)] * len(images)
+    return files, labels, path
 
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def _tinyimagenet_split(data_dir, split, size, skip_bad, download):
+def _tinyimagenet_files(data_dir, split, download):
     """The official tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images/*.JPEG labelled by
-    val/val_annotations.txt, wnids.txt; labels are the sorted wnids. data_dir holds tiny-imagenet-200/ or is it."""
-    root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
+    val/val_annotations.txt; labels are the sorted wnids. data_dir holds tiny-imagenet-200/ or is it."""
+    inside = os.path.isfile(os.path.join(data_dir, "wnids.txt"))
+    root = data_dir if inside else os.path.join(data_dir, "tiny-imagenet-200")
     if not os.path.isfile(os.path.join(root, "wnids.txt")) and download:
         with contextlib.suppress(Exception):  # offline: the line below says where to put it
             torchvision.datasets.utils.download_and_extract_archive(TINY_IMAGENET_URL, data_dir)
     if not os.path.isfile(os.path.join(root, "wnids.txt")):
         die(f"Tiny-ImageNet is not in {data_dir}: extract tiny-imagenet-200.zip ({TINY_IMAGENET_URL}) there, so that "
             f"{os.path.join(data_dir, 'tiny-imagenet-200', 'wnids.txt')} exists, or point --data-dir at that folder")
+    if split != "val":
+        return _folder_files(root, "train")
     wnids = sorted(open(os.path.join(root, "wnids.txt")).read().split())
-    index = {w: i for i, w in enumerate(wnids)}
-    files, labels = [], []
-    if split == "val":
-        ann = os.path.join(root, "val", "val_annotations.txt")
-        if not os.path.isfile(ann):
-            die(f"Tiny-ImageNet: {ann} is missing (labels of the val images)")
-        for line in open(ann):
-            name, wnid = line.split("\t")[:2] if "\t" in line else (line.split() + ["", ""])[:2]
-            if wnid not in index:
-                die(f"Tiny-ImageNet: {ann} labels {name} with '{wnid}', which is not in wnids.txt")
-            files.append(os.path.join(root, "val", "images", name))
-            labels.append(index[wnid])
-    else:
-        for w in wnids:
-            found = _images_in(os.path.join(root, "train", w), set())
-            files, labels = files + found, labels + [index[w]] * len(found)
-    return _decode(files, labels, size or 64, skip_bad, os.path.join(root, "val" if split == "val" else "train"))
+    ann = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(ann):
+        die(f"Tiny-ImageNet: {ann} is missing (labels of the val images)")
+    rows = [(line.split() + ["", ""])[:2] for line in open(ann) if line.strip()]
+    for name, wnid in rows:
+        if wnid not in wnids:
+            die(f"Tiny-ImageNet: {ann} labels {name} with '{wnid}', which is not in wnids.txt")
+    return [os.path.join(root, "val", "images", n) for n, _ in rows], [wnids.index(w) for _, w in rows], ann
 
 
 def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False):
     """split: 'train' (pretraining images), 'memory' (labelled train images for kNN/linear), 'val'."""
-    if name not in DATASETS:
-        die(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
         return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
-    if name == "folder":
-        return _folder_split(data_dir, split, image_size, skip_bad)
-    if name == "tinyimagenet":
-        return _tinyimagenet_split(data_dir, split, image_size, skip_bad, download)
+    if name in ("folder", "tinyimagenet"):
+        files, labels, where = (_folder_files(data_dir, split) if name == "folder"
+                                else _tinyimagenet_files(data_dir, split, download))
+        return _decode(files, labels, image_size or (64 if name == "tinyimagenet" else None), skip_bad, where)
     try:
         if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
-            ds = torchvision.datasets.STL10(data_dir, {"train": "train+unlabeled", "memory": "train", "val": "test"}[split],
-                                            download=download)
+            part = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]
+            ds = torchvision.datasets.STL10(data_dir, part, download=download)
             return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
         ds = (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
             data_dir, train=split != "val", download=download)
@@ -379,35 +341,34 @@ def get_dataset(name, data_dir="./data", split="train", download=True, image_siz
 
 
 def subset(data, n, seed=0):
-    """A fixed random subset of n items, kept in their original order (folders are sorted by class: a prefix
-    would hold only the first classes). The same n gives the same subset for every method and --seed."""
+    """A fixed random subset of n items in their original order (a prefix of a class-sorted folder would hold only
+    the first classes); the same for every method and --seed."""
     if not n or n >= len(data.images):
         return data
     keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Split(data.images[keep], data.labels[keep])
 
 
-
-
 def load_data(args, device):
-    """Pretraining images on `device`, the labelled kNN memory / query splits (kept on CPU) and the per-channel
-    (mean, std) of up to 10k pretraining images. The decode size and the statistics are saved in args (and so in
-    the checkpoint): evaluation and resume reuse them instead of guessing."""
+    """Pretraining images on `device`, the labelled kNN memory / query splits (on CPU), and the per-channel
+    (mean, std) of up to 10k pretraining images; the decode size and the statistics are saved in args (so in the
+    checkpoint): evaluation and resume reuse them."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
               skip_bad=args.skip_bad_images)
     train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
     args.image_size = kw["image_size"] = train.images.shape[-1]
-    memory = train if args.dataset in ("synthetic", "folder", "tinyimagenet") else get_dataset(args.dataset, split="memory", **kw)
-    val = get_dataset(args.dataset, split="val", **kw)
+    own = args.dataset in ("synthetic", "folder", "tinyimagenet")  # no separate labelled train split
+    memory = train if own else get_dataset(args.dataset, split="memory", **kw)
     if getattr(args, "mean", None) is None:
         x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
         args.mean, args.std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
-    return train.images.to(device), memory, val, (torch.tensor(args.mean), torch.tensor(args.std))
+    val, stats = get_dataset(args.dataset, split="val", **kw), (torch.tensor(args.mean), torch.tensor(args.std))
+    return train.images.to(device), memory, val, stats
 
 
 def batches(images, batch_size, epoch, seed):
-    """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact.
-    Under torchrun each rank takes its slice of the same global batch (batch_size is the global size)."""
+    """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact. Under torchrun
+    each rank takes its slice of the same global batch (batch_size is the global size)."""
     world, rank = world_rank()
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(images.device)
     steps, local = len(images) // batch_size, batch_size // world
@@ -603,6 +564,8 @@ def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
     die(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Device, AMP, distributed, optimiser, schedules
 # ----------------------------------------------------------------------------------------------
@@ -611,38 +574,35 @@ def world_rank():
 
 
 def setup(args):
-    """Seed everything, pick the device, join the process group when launched by torchrun, make the run folder."""
+    """Seed everything, pick the device, join the process group when launched by torchrun, make the run folder
+    (removing a temporary checkpoint left by a run killed while saving)."""
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     world, rank = world_rank()
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} asked for, but no CUDA device is visible")
-    device = torch.device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" and world > 1 \
+        else torch.device(args.device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    if rank == 0:
-        try:
+    try:
+        if rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
-            for tmp in glob.glob(os.path.join(args.out_dir, "*.pt.tmp")):  # left by a run killed while saving
+            for tmp in glob.glob(os.path.join(args.out_dir, "*.pt.tmp")):
                 os.remove(tmp)
-        except OSError as e:
-            die(f"cannot use --out-dir {args.out_dir}: {e.strerror}")
+    except OSError as e:
+        die(f"cannot use --out-dir {args.out_dir}: {e.strerror}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 
 def autocast(args, device):
     """bf16 autocast on CUDA only: CPU autocast in bf16 is ~20x slower on CPUs without native bf16."""
-    if args.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
 
 class _Gather(torch.autograd.Function):
@@ -653,19 +613,15 @@ class _Gather(torch.autograd.Function):
         return torch.cat(xs)
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank computed the same whole-batch loss: its gradient is the sum of theirs
+    def backward(ctx, grad):  # every rank computed the same whole-batch loss: the local slice's gradient is their sum
+        dist.all_reduce(grad := grad.contiguous())
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def gather(x, dim=0):
-    """x of every rank, concatenated along `dim` in rank order, with a gradient. The backward pass sums the ranks'
-    gradients of the local slice, so a whole-batch loss, computed alike on every rank and back-propagated as it is,
-    gives after DDP's gradient mean exactly the single-process gradient. One process: x itself."""
-    if not dist.is_initialized():
-        return x
-    return _Gather.apply(x.transpose(0, dim)).transpose(0, dim)
+    """x of every rank, concatenated along `dim` in rank order, with a gradient: a whole-batch loss, computed alike on
+    every rank and back-propagated as it is, then gives after DDP's gradient mean the single-process gradient."""
+    return _Gather.apply(x.transpose(0, dim)).transpose(0, dim) if dist.is_initialized() else x
 
 
 def aug_generator(args, device, epoch):
@@ -674,59 +630,57 @@ def aug_generator(args, device, epoch):
 
 
 def wrap_ddp(model, device, args):
-    """Compile in place with --compile on CUDA (state_dict keys unchanged); DistributedDataParallel with
-    synchronised BatchNorm under torchrun; the model itself otherwise."""
+    """Compile in place with --compile on CUDA (state_dict keys unchanged); under torchrun DistributedDataParallel
+    (with synchronised BatchNorm on CUDA; on CPU, gloo, BatchNorm stays per rank)."""
     if args.compile and device.type == "cuda":
         model.compile()
     if not dist.is_initialized():
         return model
-    if device.type != "cuda":  # SyncBatchNorm is CUDA-only: on CPU (gloo) BatchNorm stays per rank
+    if device.type != "cuda":
         return nn.parallel.DistributedDataParallel(model)
     return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
 
 
 def optimizer(args, model, betas=(0.9, 0.999)):
-    """-> (optimizer, base lr = --lr x batch / lr_batch). --optimizer sgd (momentum 0.9) or adamw (fused on CUDA);
-    weight decay on weight matrices and kernels only, not on biases and norm parameters."""
+    """-> (optimiser, base lr = --lr x batch / lr_batch): sgd (momentum 0.9) or adamw (fused on CUDA), weight decay
+    on weight matrices and kernels only, not on biases and norm parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     lr = args.lr * args.batch_size / args.lr_batch
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9), lr
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(model.parameters()).is_cuda), lr
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=params[0].is_cuda), lr
 
 
 def cosine(step, total, base, final=0.0, warmup=0):
     """Linear warm-up from 0 to `base` over `warmup` steps, then cosine from `base` to `final`."""
     if step < warmup:
         return base * step / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(t, 1.0)))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
 
 
 def check_finite(total, epoch, step=None, every=50):
-    """Stop with one line once the running loss sum is not finite: every `every` steps inside an epoch (one host
-    sync each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
+    """Stop with one line once the running loss sum is not finite: every `every` steps of an epoch (one host sync
+    each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
     if (step is None or (step + 1) % every == 0) and not math.isfinite(total):
-        where = f"epoch {epoch + 1}" + (f" (within steps {step + 2 - every}-{step + 1})" if step is not None else "")
-        die(f"the loss became {float(total)} in {where}; stopping. Try a lower --lr, a longer --warmup-epochs, or "
-            f"--no-amp. The last good checkpoint is kept.")
+        where = f" (within steps {step + 2 - every}-{step + 1})" if step is not None else ""
+        die(f"the loss became {float(total)} in epoch {epoch + 1}{where}; stopping. Try a lower --lr, a longer "
+            f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path, state):
-    """Atomic: write PATH.tmp, then rename it over PATH (a crash never leaves half a checkpoint). An I/O error (full
-    disk, no permission) removes the temporary file and stops with one line naming the path."""
-    tmp = f"{path}.tmp"
+    """Atomic: write PATH.tmp, then rename it over PATH. An I/O error (full disk, no permission) removes the
+    temporary file and stops with one line naming the path."""
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(f"{path}.tmp")
         die(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}")
 
 
@@ -743,20 +697,41 @@ def load_checkpoint(path):
 
 
 def resume(args, model, opt):
-    """Load model + optimiser state (the flags were checked against the checkpoint by `parse`) and drop log lines
-    past the checkpoint's epoch (a run killed between the two writes); return the epoch to start from."""
+    """Load model + optimiser state (`parse` checked the flags) and drop log lines past the checkpoint's epoch (a run
+    killed between the two writes); -> the epoch to start from."""
     if not args.resume:
         return 0
-    ck = load_checkpoint(args.resume)
+    ck, log = load_checkpoint(args.resume), os.path.join(args.out_dir, "log.jsonl")
     getattr(model, "module", model).load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    log = os.path.join(args.out_dir, "log.jsonl")
     if world_rank()[1] == 0 and os.path.isfile(log):
-        lines = [line for line in open(log) if line.strip() and json.loads(line)["epoch"] <= ck["epoch"]]
-        with open(log, "w") as f:
-            f.writelines(lines)
+        kept = [line for line in open(log) if line.strip() and json.loads(line)["epoch"] <= ck["epoch"]]
+        open(log, "w").writelines(kept)
     print(f"resumed from {args.resume} at epoch {ck['epoch']}", file=sys.stderr)
     return ck["epoch"]
+
+
+def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
+    """Rank 0: kNN monitor (every --eval-every epochs and at the end), checkpoint, then the JSON log line (the log
+    never runs ahead of the checkpoint). evaldata = (memory, val, stats). A non-finite loss stops the run first."""
+    check_finite(record["loss"], epoch)
+    if world_rank()[1] != 0:
+        return
+    done = epoch + 1
+    if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
+        record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
+    state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(),
+             "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
+    save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+    if args.save_every and done % args.save_every == 0:
+        save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
+    record = {"epoch": done, **record}
+    try:
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        die(f"cannot write {os.path.join(args.out_dir, 'log.jsonl')}: {e.strerror}")
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,10 +739,9 @@ def resume(args, model, opt):
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(backbone, data, stats, device, batch_size=512):
-    """Backbone features of every image of `data` (uint8, no augmentation, normalised with `stats`)."""
-    was, feats = backbone.training, []
+    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`."""
+    was, feats, (mean, std) = backbone.training, [], (s.view(1, 3, 1, 1).to(device) for s in stats)
     backbone.eval()
-    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
     for i in range(0, len(data.images), batch_size):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
@@ -796,30 +770,5 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024
 
 def knn_monitor(backbone, memory, val, stats, device):
     """kNN top-1 (k=20) of `val` against the labelled images of `memory`."""
-    tr_f, tr_y = extract_features(backbone, memory, stats, device)
-    te_f, te_y = extract_features(backbone, val, stats, device)
+    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, stats, device) for d in (memory, val))
     return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
-
-
-def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
-    """Rank 0: kNN monitor (every --eval-every epochs and at the end), checkpoint, then the JSON log line, so the log
-    never runs ahead of the checkpoint. evaldata = (memory, val, stats); `model` is saved unwrapped from DDP. A
-    non-finite epoch loss stops the run before anything is written, so last.pt stays the last good epoch."""
-    done = epoch + 1
-    check_finite(record["loss"], epoch)
-    if world_rank()[1] != 0:
-        return
-    if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
-        record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
-    state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(),
-             "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
-    save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
-    if args.save_every and done % args.save_every == 0:
-        save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
-    record = {"epoch": done, **record}
-    try:
-        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        die(f"cannot write {os.path.join(args.out_dir, 'log.jsonl')}: {e.strerror}")
-    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

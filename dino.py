@@ -44,8 +44,7 @@ RECIPES = {  # wd_end None: constant weight decay
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=256, recipe="the backbone's recipe, RECIPES")
-    common.add_crop_args(p)
+    common.add_common_args(p, lr_batch=256, recipe="the backbone's recipe, RECIPES", crops=True)
     a, R = p.add_argument, " (default: the backbone's recipe)"
     a("--out-dim", type=common.COUNT, help="K, prototypes of the head (paper: 65536 on ImageNet)" + R)
     a("--bn-head", action=argparse.BooleanOptionalAction, help="BatchNorm in the head (official use_bn_in_head)" + R)

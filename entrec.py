@@ -49,8 +49,7 @@ VARIANTS = {
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=256)
-    common.add_crop_args(p)
+    common.add_common_args(p, lr_batch=256, crops=True)
     a, V = p.add_argument, " (default: VARIANTS)"
     a("--variant", default="byol", choices=tuple(VARIANTS), help="architecture whose objective ER replaces")
     a("--kappa", type=common.number(float, 0, 1000, open_lo=True), help="simclr/byol: vMF concentration of the "

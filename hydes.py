@@ -29,8 +29,7 @@ import common
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=128)
-    common.add_crop_args(p)
+    common.add_common_args(p, lr_batch=128, crops=True)
     p.add_argument("--kappa", type=common.number(float, 0, 1000, open_lo=True), default=1.0,
                    help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). Larger kappa, a "
                         "sharper kernel, learned far faster at short budgets (README)")
