@@ -5,6 +5,7 @@ seconds) with the random-init floor of each backbone, measured by the same evalu
     python tests/scripts/real_images.py                                   # tin100-32, CPU-sized budget (hours on 2 cores)
     python tests/scripts/real_images.py --num-train 0 --width 64 --epochs 100 --batch-size 256 --time-limit 480  # GPU
     python tests/scripts/real_images.py --runs "hydes kappa 10=hydes.py --kappa 10" "MAE=mmae.py --lam 0"
+    python tests/scripts/real_images.py --methods SimCLR DINO --peer lightly   # beside lightly's recipe
 
 Default data: ../shared/data/tin100-32.zip (100 Tiny-ImageNet classes at 32 px, 50k/5k), unzipped once into
 data/tin100. Every run keeps its folder under --out; a finished run is not trained again, an interrupted one
@@ -48,6 +49,8 @@ def get_args():
                         "(0: all); the val split is used whole up to N")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--runs", nargs="*", default=[], help='extra rows, "NAME=script.py --flag value ..."')
+    p.add_argument("--peer", choices=("lightly",), help="add SimCLR and DINO rows trained with lightly's CIFAR-10 "
+                   "benchmark recipe (tests/scripts/lightly_peer.py; pip install lightly)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "real"))
     p.add_argument("--time-limit", type=float, default=0, help="stop after about this many seconds (0: no limit), "
@@ -146,6 +149,8 @@ def main():
     if "M-MAE" in args.methods:
         runs.insert(1, ("random init, ViT-Tiny/4", "random-init vit_tiny"))
     runs += [tuple(r.split("=", 1)) for r in args.runs]
+    if args.peer:
+        runs += [(f"{m}, lightly's recipe", f"tests/scripts/lightly_peer.py --recipe {m.lower()}") for m in ("SimCLR", "DINO")]
     rows = [train_and_eval(name, flags, args) for name, flags in runs]
     n = args.num_train or "all"
     header = (f"Data: {os.path.basename(args.data_dir)} at {args.image_size} px, {n} training images, full val split. "
