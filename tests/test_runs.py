@@ -80,7 +80,7 @@ def test_io_errors_are_one_line_and_leave_no_temp_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     (tmp_path / "file").write_text("x")  # --out-dir below a file cannot be created
     p = run("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path / "file" / "run", check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr and "cannot use --out-dir" in p.stderr, p.stderr
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "cannot write --out-dir" in p.stderr, p.stderr
 
 
 def test_every_method_stops_on_a_non_finite_loss(tmp_path):
