@@ -241,11 +241,13 @@ def _folder_files(root, split, tiny=False):
     train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
     classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if os.path.isdir(train) else []
     if not classes or not os.path.isdir(path):
-        die(f"no class folders under {path}: --dataset folder expects DATA_DIR/train/<class>/*.jpg and "
-            f"DATA_DIR/val/<class>/*.jpg (set --data-dir)")
+        die(f"no class folders under {path}: expected images in {train}/<class>/ and "
+            f"{os.path.join(root, 'val')}/<class>/ (set --data-dir)")
     if tiny and split == "val":
         ann = os.path.join(path, "val_annotations.txt")
-        rows = [line.split()[:2] for line in open(ann) if line.strip()] if os.path.isfile(ann) else [["-", "-"]]
+        if not os.path.isfile(ann):
+            die(f"Tiny-ImageNet: {ann} is missing (the labels of the val images)")
+        rows = [line.split()[:2] for line in open(ann, errors="replace") if line.strip()]
         bad = next((r for r in rows if len(r) < 2 or r[1] not in classes), None)
         if bad:
             die(f"Tiny-ImageNet: {ann} labels {bad[0]} with '{bad[-1]}', which is not a class of {train}")

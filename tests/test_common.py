@@ -266,6 +266,18 @@ def test_tinyimagenet_layout(tmp_path):
         assert (val.images.float().mean((1, 2, 3)) - torch.tensor([120, 40, 120.0])).abs().max() < 3
 
 
+def test_tinyimagenet_val_labels_missing_or_unknown_are_one_line(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    make_tiny_imagenet(str(root))
+    with open(root / "val" / "val_annotations.txt", "a") as f:
+        f.write("val_9.JPEG\tn99\t0\t0\t63\t63\n")  # a wnid that is not a train class
+    with pytest.raises(SystemExit, match="labels val_9.JPEG with 'n99', which is not a class"):
+        common.get_dataset("tinyimagenet", str(tmp_path), "val", download=False)
+    os.remove(root / "val" / "val_annotations.txt")
+    with pytest.raises(SystemExit, match="val_annotations.txt is missing"):
+        common.get_dataset("tinyimagenet", str(tmp_path), "val", download=False)
+
+
 def test_tinyimagenet_missing_says_where_to_put_it(tmp_path):
     with pytest.raises(SystemExit, match="extract tiny-imagenet-200.zip .* so that .*tiny-imagenet-200/wnids.txt"):
         common.get_dataset("tinyimagenet", str(tmp_path), "train", download=False)
