@@ -13,6 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -89,7 +90,7 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
       "(0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
-    a("--compile", action="store_true", help="torch.compile the model in place (CUDA; slower start, faster steps)")
+    a("--compile", action="store_true", help="torch.compile the model in place (slower start, faster steps; the CPU needs a C++ compiler)")
     p.set_defaults(lr_batch=lr_batch)
 
 
@@ -426,13 +427,13 @@ class MultiCrop:
                 v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
                 v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
         v = (v - self.mean.to(dev)) / self.std.to(dev)
-        return v.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else v
+        return v.contiguous(memory_format=torch.channels_last) if cuda_paths(dev) else v
 
     def __call__(self, x, g):
         """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
         x, views = x.float() / 255, []
         for n, size, scale, blur, solarize in self.groups:
-            if n and x.device.type != "cuda":  # CPU: one cache-sized pass per crop (1.4x faster for 2 + 6 crops)
+            if n and not cuda_paths(x.device):  # CPU: one cache-sized pass per crop (1.4x faster for 2 + 6 crops)
                 views += [self.view(x, size, scale, g, b, s) for b, s in zip(blur, solarize)]
             elif n:  # GPU: the n crops of one size in one pass (few, large kernels), then split
                 per_row = [torch.tensor(p, device=x.device).repeat_interleave(len(x)).view(-1, 1, 1, 1)
@@ -545,28 +546,27 @@ def setup(args):
     return device
 
 
+CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True to run them on CPU tensors
+
+
+def cuda_paths(device):
+    """Whether to take the paths written for a CUDA GPU: bf16 autocast, the crops of one size in one pass,
+    channels-last tensors, fused AdamW. Every such choice is made here, so that a test runs them all on the CPU. The
+    CPU default stays fp32, per crop, contiguous: CPU bf16 is ~20x slower, and oneDNN's channels-last 1x1-convolution
+    backward crashes on some shapes (ResNet-18 width 4 or 8 at 64 px, torch 2.14, AVX-512)."""
+    return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
+
+
 def autocast(args, device):
-    """bf16 autocast on CUDA only: CPU autocast in bf16 is ~20x slower on CPUs without native bf16."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        xs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(xs, x.contiguous())
-        return torch.cat(xs)
-
-    @staticmethod
-    def backward(ctx, grad):  # every rank computed the same whole-batch loss: the local slice's gradient is their sum
-        dist.all_reduce(grad := grad.contiguous())
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+    """bf16 autocast on the CUDA paths (--no-amp: off); the losses compute in fp32 inside it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and cuda_paths(device))
 
 
 def gather(x, dim=0):
-    """x of every rank, concatenated along `dim` in rank order, with a gradient: a whole-batch loss, computed alike on
-    every rank and back-propagated as it is, then gives after DDP's gradient mean the single-process gradient."""
-    return _Gather.apply(x.transpose(0, dim)).transpose(0, dim) if dist.is_initialized() else x
+    """x of every rank, concatenated along `dim` in rank order, with a gradient (torch's autograd all_gather: the
+    local slice receives the sum over ranks of its gradient). A whole-batch loss, computed alike on every rank and
+    back-propagated as it is, then gives after DDP's gradient mean the single-process gradient."""
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim) if dist.is_initialized() else x
 
 
 def aug_generator(args, device, epoch):
@@ -574,15 +574,17 @@ def aug_generator(args, device, epoch):
     return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
 
 
-def wrap_ddp(model, device, args):
-    """Compile in place with --compile on CUDA (state_dict keys unchanged); under torchrun DistributedDataParallel
-    (with synchronised BatchNorm on CUDA; on CPU, gloo, BatchNorm stays per rank)."""
-    if args.compile and device.type == "cuda":
+def to_device(model, device, args):
+    """Move to `device` (channels-last on the CUDA paths), compile in place with --compile (state_dict keys unchanged),
+    and under torchrun wrap in DistributedDataParallel."""
+    model = model.to(device, memory_format=torch.channels_last if cuda_paths(device) else torch.preserve_format)
+    if args.compile:
         model.compile()
     if not dist.is_initialized():
         return model
-    if device.type != "cuda":
+    if device.type != "cuda":  # gloo on the CPU: BatchNorm stays per rank
         return nn.parallel.DistributedDataParallel(model)
+    # CUDA alone (NCCL; no CPU test can run this line): BatchNorm statistics synchronised across ranks
     return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
 
 
@@ -595,7 +597,7 @@ def optimizer(args, model, betas=(0.9, 0.999)):
     lr = args.lr * args.batch_size / args.lr_batch
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9), lr
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=params[0].is_cuda), lr
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=cuda_paths(params[0].device)), lr
 
 
 def cosine(step, total, base, final=0.0, warmup=0):
@@ -687,7 +689,7 @@ def extract_features(backbone, data, stats, device, batch_size=512):
     was, feats, (mean, std) = backbone.training, [], (s.view(1, 3, 1, 1).to(device) for s in stats)
     backbone.eval()
     for i in range(0, len(data.images), batch_size):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
             feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
     backbone.train(was)
     return torch.cat(feats), data.labels.to(device)

@@ -238,7 +238,7 @@ def train(args):
     resolve_crops(args)
     aug = common.MultiCrop(args.image_size, stats, args.global_crops, args.local_crops, args.global_scale, args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.wrap_ddp(DINO(backbone, feat_dim, args).to(device, memory_format=torch.channels_last), device, args)
+    model = common.to_device(DINO(backbone, feat_dim, args), device, args)
     dino = getattr(model, "module", model)
     opt, base_lr = common.optimizer(args, dino.student)
     start = common.resume(args, model, opt)

@@ -264,7 +264,7 @@ def train(args):
     images, memory, val, stats = common.load_data(args, device)
     aug = common.MultiCrop(args.image_size, stats, 2, args.local_crops or 0, args.global_scale, args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.wrap_ddp(EntRec(backbone, feat_dim, args).to(device, memory_format=torch.channels_last), device, args)
+    model = common.to_device(EntRec(backbone, feat_dim, args), device, args)
     net = getattr(model, "module", model)
     opt, base_lr = common.optimizer(args, model)
     start = common.resume(args, model, opt)

@@ -137,7 +137,7 @@ def train(args):
     images, memory, val, stats = common.load_data(args, device)
     aug = common.MultiCrop(args.image_size, stats, args.global_crops, args.local_crops, args.global_scale, args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.wrap_ddp(HyDeS(backbone, feat_dim, args).to(device, memory_format=torch.channels_last), device, args)
+    model = common.to_device(HyDeS(backbone, feat_dim, args), device, args)
     opt, base_lr = common.optimizer(args, model)
     start = common.resume(args, model, opt)
     steps = len(images) // args.batch_size

@@ -227,7 +227,7 @@ def train(args):
     images, memory, val, stats = common.load_data(args, device)
     aug = common.MultiCrop(args.image_size, stats, 1, 0, args.global_scale, color=False)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width, args.pool, args.patch_size)
-    model = common.wrap_ddp(MAE(backbone, feat_dim, args).to(device), device, args)
+    model = common.to_device(MAE(backbone, feat_dim, args), device, args)
     mae = getattr(model, "module", model)
     opt, base_lr = common.optimizer(args, model, betas=(0.9, 0.95))
     start = common.resume(args, model, opt)

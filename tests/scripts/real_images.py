@@ -30,6 +30,15 @@ import common  # noqa: E402
 
 METHODS = {"SimCLR": "simclr.py", "DINO": "dino.py", "HyDeS": "hydes.py", "EntRec (byol)": "entrec.py",
            "M-MAE": "mmae.py"}
+# The runs behind the README's claims table (--set claims), most telling first: a partial set is already a table.
+CLAIMS = [("SimCLR", "simclr.py"), ("HyDeS, kappa 1", "hydes.py --kappa 1"), ("HyDeS, kappa 10", "hydes.py --kappa 10"),
+          ("HyDeS, kappa 20", "hydes.py --kappa 20"), ("DINO", "dino.py"), ("EntRec (byol)", "entrec.py"),
+          ("M-MAE", "mmae.py --arch vit_tiny"), ("MAE", "mmae.py --arch vit_tiny --lam 0"),
+          ("HyDeS, kappa 10, beta 0.5", "hydes.py --kappa 10 --beta 0.5"),
+          ("HyDeS, kappa 10, proj-dim 1024", "hydes.py --kappa 10 --proj-dim 1024"),
+          ("SimCLR, batch 16", "simclr.py --batch-size 16"),
+          ("EntRec (simclr)", "entrec.py --variant simclr"),
+          ("EntRec (simclr), batch 16", "entrec.py --variant simclr --batch-size 16")]
 
 
 def get_args():
@@ -48,6 +57,9 @@ def get_args():
                    help="kNN memory and probe training set: a fixed random subset of N labelled training images "
                         "(0: all); the val split is used whole up to N")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    p.add_argument("--set", choices=("methods", "claims"), default="methods", help="methods: each method's defaults "
+                   "(--methods); claims: the runs of the README's claims table (CLAIMS)")
+    p.add_argument("--eval-every", type=int, default=0, help="kNN monitor of the runs every K epochs (learning curves)")
     p.add_argument("--runs", nargs="*", default=[], help='extra rows, "NAME=script.py --flag value ..."')
     p.add_argument("--peer", choices=("lightly",), help="add SimCLR and DINO rows trained with lightly's CIFAR-10 "
                    "benchmark recipe (tests/scripts/lightly_peer.py; pip install lightly)")
@@ -76,7 +88,7 @@ def hardware(device):
 def budget_flags(args):
     return ["--dataset", "folder", "--data-dir", args.data_dir, "--image-size", str(args.image_size),
             "--num-train", str(args.num_train), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--warmup-epochs", str(args.warmup_epochs), "--width", str(args.width), "--eval-every", "0",
+            "--warmup-epochs", str(args.warmup_epochs), "--width", str(args.width), "--eval-every", str(args.eval_every),
             "--device", args.device]
 
 
@@ -133,7 +145,7 @@ def train_and_eval(name, script_flags, args):
         print(f"evaluating {name}", flush=True)
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(["eval_linear.py", "--checkpoint", ck, "--probe-epochs", str(args.probe_epochs), "--device", args.device,
-             *limit],
+             "--geometry", *limit],
             os.path.join(folder, "eval.log"))
     res = json.load(open(ev))
     return {"run": name, "arch": res["arch"], "knn20": res["knn20_top1"], "knn200": res["knn200_top1"],
@@ -145,8 +157,11 @@ def main():
     DEADLINE[0] = time.time() + args.time_limit if args.time_limit else None
     prepare_data(args)
     runs = [("random init, ResNet-18", "random-init resnet18")]
-    runs += [(m, METHODS[m] + (" --arch vit_tiny" if m == "M-MAE" else "")) for m in args.methods]
-    if "M-MAE" in args.methods:
+    if args.set == "claims":
+        runs += [("random init, ViT-Tiny/4", "random-init vit_tiny")] + CLAIMS
+    else:
+        runs += [(m, METHODS[m] + (" --arch vit_tiny" if m == "M-MAE" else "")) for m in args.methods]
+    if "M-MAE" in args.methods and args.set == "methods":
         runs.insert(1, ("random init, ViT-Tiny/4", "random-init vit_tiny"))
     runs += [tuple(r.split("=", 1)) for r in args.runs]
     if args.peer:
