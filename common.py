@@ -4,11 +4,14 @@ device, where augmentation runs as batched tensor ops."""
 import argparse
 import collections
 import contextlib
+import fcntl
 import functools
 import glob
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 
 import torch
@@ -94,10 +97,14 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
     p.set_defaults(lr_batch=lr_batch)
 
 
+def _has_run(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "log.jsonl"))
+
+
 def parse(p, argv=None):
-    """Parse, check, and choose the run folder: a new run never writes into a folder that holds another run. With
-    --resume, flags not given take the checkpoint's values (resolved ones too: decode size, recipe, normalisation), a
-    given flag that differs from the checkpoint is an error, and --epochs may grow."""
+    """Parse and check. A new run's folder is claimed by `setup`. With --resume, flags not given take the checkpoint's
+    values (resolved ones too: decode size, recipe, normalisation), a given flag that differs from the checkpoint is an
+    error, and --epochs may grow."""
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = p.parse_args(argv)
     for flag, (lo, hi) in [(k, v) for k, v in vars(args).items() if k.endswith("_scale") and v]:
@@ -108,12 +115,9 @@ def parse(p, argv=None):
     except RuntimeError:
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
     default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    has_run = lambda d: any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl"))  # noqa: E731
     if not args.resume:
-        if args.out_dir and has_run(args.out_dir):
+        if args.out_dir and _has_run(args.out_dir):
             die(f"--out-dir {args.out_dir} holds another run: continue it with --resume, or choose a new --out-dir")
-        args.out_dir = args.out_dir or next(d for d in [default] + [f"{default}-{k}" for k in range(2, 10**6)]
-                                            if not has_run(d))
         return args
     if args.resume == "auto":  # --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]
         found = [os.path.join(args.out_dir, "last.pt")] if args.out_dir else glob.glob(f"{default}/last.pt") + \
@@ -127,13 +131,14 @@ def parse(p, argv=None):
         die(f"{args.resume} is a {ck['args'].get('method')} checkpoint, not {args.method}")
     free = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
             "save_every"}  # what a resumed run may change (and --epochs may grow); every other value is the run's
-    p.set_defaults(**{k: v for k, v in ck["args"].items() if k not in free})  # flags not given: the checkpoint's
+    p.set_defaults(**{k: v for k, v in ck["args"].items() if k not in ("resume", "out_dir", "device")})  # not given
     args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": args.resume, "out_dir": out_dir})
     differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in ck["args"].items()
               if k not in free | {"epochs"} and json.dumps(getattr(args, k)) != json.dumps(v)]
     if differ:
         die(f"--resume {args.resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
     if ck["epoch"] >= args.epochs:
+        restore_log(ck, os.path.join(out_dir, "log.jsonl"))  # a run killed before its last log line
         print(f"{args.resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger "
               f"--epochs to train on)", file=sys.stderr)
         raise SystemExit(0)
@@ -328,6 +333,7 @@ def batches(images, batch_size, epoch, seed):
     """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact. Under torchrun
     each rank takes its slice of the same global batch (batch_size is the global size)."""
     world, rank = world_rank()
+    RUN["epoch"] = epoch
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(images.device)
     steps, local = len(images) // batch_size, batch_size // world
     if steps == 0:
@@ -517,13 +523,66 @@ def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
 
 
 # ==== Device, distributed, optimiser, schedules =======================================================================
+RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log records, pending signal, lock file
+
+
+def _claim(args):
+    """Rank 0: the run folder, locked for the life of this process (flock on OUT_DIR/.lock, released by the OS however
+    the process ends), so runs started together never share one. A default folder that holds a run or is locked is
+    passed over for the next -2, -3, ...; an explicit --out-dir or a resumed run locked by a live process is an error."""
+    with contextlib.suppress(KeyError, OSError):
+        RUN.pop("lock").close()  # a run started earlier in this process (tests) has ended
+    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    for d in [args.out_dir] if args.out_dir else [default] + [f"{default}-{k}" for k in range(2, 10**6)]:
+        os.makedirs(d, exist_ok=True)
+        lock = open(os.path.join(d, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner, _ = lock.read().strip(), lock.close()
+            if args.out_dir:
+                die(f"{d} is in use by a running process ({owner or '?'}): wait for it, or choose another --out-dir")
+            continue
+        if not args.resume and _has_run(d):  # finished by a run that started after our parse: like parse's check
+            lock.close()
+            if args.out_dir:
+                die(f"--out-dir {d} holds another run: continue it with --resume, or choose a new --out-dir")
+            continue
+        lock.truncate(0), lock.write(f"pid {os.getpid()}\n"), lock.flush()
+        RUN["lock"] = lock
+        return d
+
+
+def _interrupted(signum, frame):
+    """SIGINT / SIGTERM: stop at once, or after the checkpoint and log line being written (nothing half-written)."""
+    if os.getpid() != RUN["pid"]:  # a DataLoader worker: the main process stops the run
+        return
+    RUN["signal"] = signum
+    if not RUN["writing"]:
+        _stop()
+
+
+def _stop():
+    """One line: where the run stopped, its last checkpoint, the command that continues it; exit 128 + signal."""
+    args, saved, signum = RUN["args"], RUN["saved"], RUN["signal"]
+    if world_rank()[1] == 0:
+        world = world_rank()[0]
+        launch = f"torchrun --nproc_per_node={world}" if dist.is_initialized() else "python"
+        where = f"{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {args.epochs}"
+        print(f"\n{where}; no epoch has finished, nothing to continue: start it again" if not saved else
+              f"\n{where}; the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} "
+              f"{shlex.quote(sys.argv[0])} --resume {shlex.quote(saved[0])}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 def world_rank():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 def setup(args):
-    """Join the process group when launched by torchrun, pick the device, make the run folder (removing a temporary
-    checkpoint left by a run killed while saving), seed."""
+    """Join the process group when launched by torchrun, pick the device, claim the run folder (removing a temporary
+    checkpoint left by a run killed while saving), catch SIGINT / SIGTERM, seed."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -536,11 +595,18 @@ def setup(args):
         die(f"--device {args.device} asked for, but no CUDA device is visible")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    with _writing(f"--out-dir {args.out_dir}"):
-        if rank == 0:
-            os.makedirs(args.out_dir, exist_ok=True)
-            for tmp in glob.glob(os.path.join(args.out_dir, "*.pt.tmp")):
+    if rank == 0:
+        with _writing(f"the run folder {args.out_dir or 'runs/'}"):
+            args.out_dir = _claim(args)
+            for tmp in glob.glob(os.path.join(args.out_dir, "*.tmp")):
                 os.remove(tmp)
+        print(f"run folder: {args.out_dir}", file=sys.stderr)
+    if dist.is_initialized():  # every rank uses rank 0's folder
+        dist.broadcast_object_list(box := [args.out_dir])
+        args.out_dir = box[0]
+    RUN.update(args=args, epoch=0, saved=None, log=[], signal=None, writing=False, pid=os.getpid())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupted)
     torch.manual_seed(args.seed)  # every random draw of the scripts comes from torch generators
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
@@ -647,17 +713,38 @@ def load_checkpoint(path):
     return ck
 
 
+def restore_log(ck, log):
+    """Make log.jsonl the checkpoint's records (a run killed after its checkpoint, or in the middle of a log line,
+    leaves a line missing or torn); for a checkpoint of an earlier version, the log's whole lines up to its epoch.
+    -> the records."""
+    old = open(log, errors="replace").read() if os.path.isfile(log) else None
+    rows = []
+    for line in (old or "").splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # a torn line is dropped
+            rows += [r for r in [json.loads(line)] if r["epoch"] <= ck["epoch"]]
+    records = ck.get("log", rows)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if world_rank()[1] == 0 and old != text:
+        if old is not None:
+            print(f"warning: {log} did not match the checkpoint (a line torn, or written after it): rewritten from "
+                  f"its {len(records)} records", file=sys.stderr)
+        with _writing(log, f"{log}.tmp"):
+            with open(f"{log}.tmp", "w") as f:
+                f.write(text)
+            os.replace(f"{log}.tmp", log)
+    return records
+
+
 def resume(args, model, opt):
-    """Load model + optimiser state (`parse` checked the flags) and drop log lines past the checkpoint's epoch (a run
-    killed between the two writes); -> the epoch to start from."""
+    """Load model + optimiser state (`parse` checked the flags); the log is rewritten from the records the checkpoint
+    holds (a run killed after its checkpoint, or in the middle of a log line, leaves one line missing or torn).
+    -> the epoch to start from."""
     if not args.resume:
         return 0
     ck, log = load_checkpoint(args.resume), os.path.join(args.out_dir, "log.jsonl")
     getattr(model, "module", model).load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    if world_rank()[1] == 0 and os.path.isfile(log):
-        kept = [line for line in open(log) if line.strip() and json.loads(line)["epoch"] <= ck["epoch"]]
-        open(log, "w").writelines(kept)
+    RUN.update(saved=(args.resume, ck["epoch"]), log=restore_log(ck, log), epoch=ck["epoch"])
     print(f"resumed from {args.resume} at epoch {ck['epoch']}", file=sys.stderr)
     return ck["epoch"]
 
@@ -671,15 +758,26 @@ def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
     done = epoch + 1
     if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
         record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
-    state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(),
+    record, log, ck = {"epoch": done, **record}, os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir,
+                                                                                                      "last.pt")
+    state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(), "log": RUN["log"] + [record],
              "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
-    save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+    RUN["writing"] = True  # a signal now waits for the checkpoint and the log line
+    save_checkpoint(ck, state)
+    RUN.update(saved=(ck, done), log=state["log"])
     if args.save_every and done % args.save_every == 0:
         save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
-    record, log = {"epoch": done, **record}, os.path.join(args.out_dir, "log.jsonl")
     with _writing(log), open(log, "a") as f:
         f.write(json.dumps(record) + "\n")
+    RUN["writing"] = False
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if RUN["signal"]:
+        _stop()
+    if done == args.epochs:
+        RUN.pop("lock").close()  # the folder holds a finished run: no other run takes it
+        script, ck = shlex.quote(sys.argv[0]), shlex.quote(ck)
+        print(f"done: {args.out_dir}. Evaluate: python eval_linear.py --checkpoint {ck}  Train on: python {script} "
+              f"--resume {ck} --epochs {2 * done}", file=sys.stderr)
 
 
 # ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================

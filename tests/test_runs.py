@@ -26,11 +26,11 @@ def lines(path):
 def test_a_second_run_never_writes_into_the_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default folder is runs/<method>-<dataset>-<arch> under the working directory
     first = simclr.get_args(SIMCLR_TINY)
+    simclr.train(first)  # the folder is claimed when the run starts
     assert first.out_dir == os.path.join("runs", "simclr-synthetic-resnet18")
-    simclr.train(first)
     second = simclr.get_args(SIMCLR_TINY + ["--temperature", "0.5"])
-    assert second.out_dir == os.path.join("runs", "simclr-synthetic-resnet18-2")  # a fresh folder, not the first's
     simclr.train(second)
+    assert second.out_dir == os.path.join("runs", "simclr-synthetic-resnet18-2")  # a fresh folder, not the first's
     assert len(lines("runs/simclr-synthetic-resnet18/log.jsonl")) == 1
     assert torch.load("runs/simclr-synthetic-resnet18/last.pt", weights_only=True)["args"]["temperature"] == 0.2
     # an explicit --out-dir that holds a run: one line saying what to do
@@ -80,7 +80,7 @@ def test_io_errors_are_one_line_and_leave_no_temp_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     (tmp_path / "file").write_text("x")  # --out-dir below a file cannot be created
     p = run("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path / "file" / "run", check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr and "cannot write --out-dir" in p.stderr, p.stderr
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "cannot write the run folder" in p.stderr, p.stderr
 
 
 def test_every_method_stops_on_a_non_finite_loss(tmp_path):
