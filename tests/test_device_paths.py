@@ -4,6 +4,7 @@ through common.CUDA_PATHS, the one switch the code reads."""
 import os
 
 import pytest
+import torch
 
 from conftest import run
 
@@ -22,20 +23,37 @@ def image_folder(root, size, per_class=4, classes=2):
 
 
 @pytest.fixture(scope="module")
-def folder64(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("px64"), 64)
+def folders(tmp_path_factory):
+    return {size: image_folder(tmp_path_factory.mktemp(f"px{size}"), size) for size in (64, 96)}
 
 
-@pytest.mark.parametrize("script,width", [("simclr.py", 4), ("simclr.py", 8), ("hydes.py", 4), ("hydes.py", 8),
-                                          ("hydes.py", 64)])
-def test_one_step_at_64_px_for_every_width(folder64, tmp_path, script, width):
-    # oneDNN's channels-last 1x1-convolution backward killed the process (SIGSEGV / SIGABRT, no message) at widths 4
-    # and 8 on 64 px images; a subprocess, so that a crash fails this test and not the whole suite
-    n = len(os.listdir(folder64 / "train" / "c0")) + len(os.listdir(folder64 / "train" / "c1"))
-    p = run(script, "--dataset", "folder", "--data-dir", folder64, "--width", width, "--batch-size", n, "--epochs", 1,
-            "--eval-every", 0, "--device", "cpu", "--proj-hidden", 32, "--out-dir", tmp_path / "run", check=False)
+@pytest.mark.parametrize("script,width,size", [("simclr.py", 4, 64), ("simclr.py", 8, 64), ("hydes.py", 4, 64),
+                                               ("hydes.py", 8, 64), ("hydes.py", 64, 64), ("simclr.py", 8, 96)])
+def test_one_step_on_large_images_at_every_width(folders, tmp_path, script, width, size):
+    # From 64 px up the crops are blurred and solarised; above 64 px ResNets keep the standard stem (7x7 stride 2 and
+    # max-pool). oneDNN's channels-last 1x1-convolution backward killed the process (SIGSEGV / SIGABRT, no message) at
+    # widths 4 and 8 on 64 px images: a subprocess, so that a crash fails this test and not the whole suite.
+    p = run(script, "--dataset", "folder", "--data-dir", folders[size], "--image-size", size, "--width", width,
+            "--batch-size", 8, "--epochs", 1, "--eval-every", 1, "--device", "cpu", "--proj-hidden", 32,
+            "--out-dir", tmp_path / "run", check=False)
     assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
-    assert (tmp_path / "run" / "last.pt").is_file()
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["args"]["image_size"] == size
+    stem = ck["backbone"]["conv1.weight"].shape[-1]
+    assert stem == (3 if size <= 64 else 7)  # CIFAR stem up to 64 px, the standard one above
+
+
+def test_compile_runs_a_step_and_keeps_the_checkpoint_keys(tmp_path):
+    import shutil
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler on this machine: --compile on the CPU needs one (torch inductor's C++ backend)")
+    tiny = ["--dataset", "synthetic", "--width", "4", "--num-train", "16", "--batch-size", "16", "--epochs", "1",
+            "--eval-every", "0", "--device", "cpu", "--proj-hidden", "16", "--proj-dim", "8"]
+    run("simclr.py", *tiny, "--compile", "--out-dir", tmp_path / "compiled")
+    run("simclr.py", *tiny, "--out-dir", tmp_path / "eager")
+    compiled, eager = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("compiled", "eager"))
+    assert compiled["model"].keys() == eager["model"].keys() and compiled["backbone"].keys() == eager["backbone"].keys()
+    assert all(v.isfinite().all() for v in compiled["model"].values() if v.is_floating_point())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +83,6 @@ STEP = ["--dataset", "synthetic", "--width", "8", "--num-train", "16", "--batch-
     ("mmae.py", ["--arch", "vit_tiny", "--decoder-dim", "32", "--decoder-depth", "1"]),
 ])
 def test_one_step_of_every_method_on_the_cuda_paths(cuda_paths, tmp_path, monkeypatch, script, extra):
-    import torch
     import torch.nn as nn
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -107,8 +124,6 @@ def test_one_step_of_every_method_on_the_cuda_paths(cuda_paths, tmp_path, monkey
 
 def crops(cuda, x, monkeypatch, seed=0, color=True, n_global=2, n_local=6):
     """MultiCrop views of uint8 x on the one-pass (cuda=True) or the per-crop path, un-normalised to [0, 1]."""
-    import torch
-
     import common
     monkeypatch.setattr(common, "CUDA_PATHS", cuda)
     stats = (torch.full((3,), 0.5), torch.full((3,), 0.25))
@@ -117,7 +132,6 @@ def crops(cuda, x, monkeypatch, seed=0, color=True, n_global=2, n_local=6):
 
 
 def test_one_pass_crops_follow_the_law_of_the_per_crop_path(monkeypatch):
-    import torch
     # Geometry (no colour): channel 0 of the image is its column ramp j / 63, channel 1 its row ramp. A crop spanning
     # w columns shows a ramp of (w / 64) * (S - 1) / S from its first to its last output pixel; flipped, it descends.
     B, H = 400, 64
@@ -162,8 +176,6 @@ def test_gaussian_blur_is_the_normalised_gaussian_of_its_drawn_sigma():
     # A centred unit impulse in a 64 px image, blurred: the kernel is 2 round(0.05 * 64) + 1 = 7 taps wide, sigma is
     # the first draw of the generator, U(0.1, 2), and the output is the outer product of the normalised 1-D Gaussian.
     import math
-
-    import torch
 
     import common
     x = torch.zeros(3, 1, 64, 64)

@@ -5,6 +5,7 @@ pipeline: batched multi-crop augmentation vs a per-image PIL torchvision pipelin
     python tests/scripts/benchmark.py                      # CUDA with bf16 autocast when present, else CPU
     python tests/scripts/benchmark.py --device cpu --width 16 --batch-size 64
     python tests/scripts/benchmark.py --peer lightly       # end to end against lightly (pip install lightly)
+    python tests/scripts/benchmark.py --compile            # the same with the model torch.compile'd (--compile)
 
 --peer lightly times, in one run, the same SimCLR step and the same DINO step (2 + 6 crops) written as lightly's
 examples write them (its losses, heads and transforms; a torch DataLoader with workers feeding PIL images;
@@ -91,12 +92,14 @@ def build(name, margs, device):
     return model, loss_of, backbone
 
 
-def method_step(name, margs, device, x, aug, amp, steps):
+def method_step(name, margs, device, x, aug, amp, steps, compile=False):
     model, loss_fn, backbone = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
+    if compile:  # as --compile does; the warm-up steps below include the compilation
+        model.compile()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
-    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     views = aug(x, g)
 
     def step():
@@ -130,7 +133,8 @@ def method_step(name, margs, device, x, aug, amp, steps):
     with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step (matmuls and convs)
         step()
     tflops = fc.get_total_flops() / t_step / 1e12
-    print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}: step {n / t_step:7.0f} img/s "
+    print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}{' compiled' if compile else ''}: step "
+          f"{n / t_step:7.0f} img/s "
           f"(with aug {n / (t_step + t_aug):7.0f}), bare backbone {n / t_bare:7.0f} img/s, overhead "
           f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, loss fp32 {l32:.5f} / amp {lamp:.5f}, "
           f"{tflops:.1f} TFLOP/s", flush=True)
@@ -140,7 +144,7 @@ def ours_end_to_end(name, margs, device, images, batch, amp, steps):
     """Seconds per step of this project's loop: uint8 batch on the device -> batched crops -> step."""
     mod, n_global, n_local, scale = METHODS[name]
     model, loss_fn, _ = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     aug = common.MultiCrop(32, (torch.full((3,), 0.5), torch.full((3,), 0.25)), n_global, n_local, scale)
     g = torch.Generator(device=device).manual_seed(0)
@@ -148,7 +152,7 @@ def ours_end_to_end(name, margs, device, images, batch, amp, steps):
 
     def step():
         views = aug(x, g)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,7 +187,7 @@ def lightly_end_to_end(name, args, device, images, amp, steps):
         deactivate_requires_grad(teacher)
         criterion = DINOLoss(output_dim=4096)
         teacher.to(device)
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]  # decoded once: the peer's best case
 
@@ -205,7 +209,7 @@ def lightly_end_to_end(name, args, device, images, amp, steps):
     def step():
         views, _ = next(it)
         views = [v.to(device, non_blocking=True) for v in views]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if name == "simclr":
                 loss = criterion(model(views[0]), model(views[1]))
             else:
@@ -248,6 +252,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     p.add_argument("--peer", choices=("lightly",), default=None, help="compare SimCLR and DINO end to end with lightly")
+    p.add_argument("--compile", action="store_true", help="torch.compile each method's model, as --compile does")
     args = p.parse_args()
     device = torch.device(args.device)
     amp = device.type == "cuda"
@@ -266,7 +271,7 @@ def main():
         margs = mod.get_args(["--arch", arch, "--width", str(args.width), "--dataset", "synthetic",
                               "--out-dir", f"/tmp/bench-{os.getpid()}"] + (["--local-crops", "6"] if name == "dino" else []))
         aug = common.MultiCrop(32, (mean, std), n_global, n_local, scale, color=name != "mmae")
-        method_step(name, margs, device, x, aug, amp, args.steps)
+        method_step(name, margs, device, x, aug, amp, args.steps, args.compile)
     # data pipeline: 2 global + 6 local crops of 32 px images
     aug = common.MultiCrop(32, (mean, std), 2, 6)
     g = torch.Generator(device=device).manual_seed(0)

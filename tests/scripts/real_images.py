@@ -102,17 +102,37 @@ def random_init_checkpoint(path, arch, args):
     common.save_checkpoint(path, {"args": saved, "epoch": 0, "backbone": backbone.state_dict()})
 
 
+def monitor_knn(ck, args):
+    """kNN top-1 of a checkpoint's backbone as the training runs' monitor measures it (common.knn_monitor: memory =
+    the training subset, the same normalisation): the point every learning curve of that backbone starts from."""
+    saved = torch.load(ck, map_location="cpu", weights_only=True)
+    run = argparse.Namespace(**saved["args"], download=False, skip_bad_images=False, num_train=args.num_train or None,
+                             mean=None)
+    _, memory, val, stats = common.load_data(run, torch.device("cpu"))
+    backbone, _ = common.build_backbone(saved["args"]["arch"], args.image_size, args.width)
+    backbone.load_state_dict(saved["backbone"])
+    return common.knn_monitor(backbone, memory, val, stats, torch.device("cpu"))
+
+
 DEADLINE = [None]  # set by --time-limit
+
+
+class TimeUp(Exception):
+    pass
 
 
 def run(cmd, log):
     left = None if DEADLINE[0] is None else DEADLINE[0] - time.time()
+    if left is not None and left < 5:
+        raise TimeUp
     with open(log, "a") as f:
+        p = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         try:
-            p = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=left)
-        except subprocess.TimeoutExpired:  # killed: its last.pt holds the last finished epoch; --resume continues
-            sys.exit(f"stopped by --time-limit during {' '.join(cmd[:1])} ({log}); run the same command again to "
-                     f"continue from the last finished epoch:\n  python {' '.join(sys.argv)}")
+            p.wait(timeout=left)
+        except subprocess.TimeoutExpired:  # SIGTERM: the run stops, its last.pt holds the last finished epoch
+            p.terminate()
+            p.wait()
+            raise TimeUp from None
     if p.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed (exit {p.returncode}); see {log}")
 
@@ -126,6 +146,9 @@ def train_and_eval(name, script_flags, args):
     if script == "random-init":
         if not os.path.isfile(ck):
             random_init_checkpoint(ck, flags[0], args)
+        if args.eval_every and not os.path.isfile(os.path.join(folder, "log.jsonl")):  # the curves' epoch 0
+            with open(os.path.join(folder, "log.jsonl"), "w") as f:
+                f.write(json.dumps({"epoch": 0, "knn_top1": monitor_knn(ck, args), "arch": flags[0]}) + "\n")
         seconds = 0.0
     else:
         done = os.path.isfile(ck) and torch.load(ck, map_location="cpu", weights_only=True)["epoch"] >= args.epochs
@@ -166,7 +189,13 @@ def main():
     runs += [tuple(r.split("=", 1)) for r in args.runs]
     if args.peer:
         runs += [(f"{m}, lightly's recipe", f"tests/scripts/lightly_peer.py --recipe {m.lower()}") for m in ("SimCLR", "DINO")]
-    rows = [train_and_eval(name, flags, args) for name, flags in runs]
+    rows, stopped = [], False
+    for name, flags in runs:
+        try:
+            rows.append(train_and_eval(name, flags, args))
+        except TimeUp:
+            stopped = True
+            break
     n = args.num_train or "all"
     header = (f"Data: {os.path.basename(args.data_dir)} at {args.image_size} px, {n} training images, full val split. "
               f"Budget: {args.epochs} epochs, batch {args.batch_size}, {args.warmup_epochs} warm-up epochs, ResNet-18 "
@@ -181,6 +210,9 @@ def main():
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
+    if stopped:
+        sys.exit(f"stopped by --time-limit with {len(rows)} of {len(runs)} rows; run the same command again to continue "
+                 f"from the last finished epoch:\n  python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":
