@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 
@@ -58,9 +59,11 @@ COUNT, NONNEG_INT, SCALE = number(int, 1), number(int, 0), number(float, 0, 1, o
 
 
 def add_common_args(p, lr_batch=256, recipe=None, crops=False):
-    """The flags every method file shares; a method sets its defaults with p.set_defaults. lr_batch: the batch --lr is
-    given for (scaled linearly); recipe: where --optimizer/--lr/--wd defaults come from; crops: multi-crop flags."""
-    p.allow_abbrev, a, later = False, p.add_argument, f" (default: {recipe})" if recipe else ""
+    """The flags every method file shares, in groups after the method's own (added first); a method sets its defaults
+    with p.set_defaults. lr_batch: the batch --lr is given for (scaled linearly); recipe: where --optimizer/--lr/--wd
+    defaults come from; crops: multi-crop flags."""
+    p.allow_abbrev, later = False, f" (default: {recipe})" if recipe else ""
+    a = p.add_argument_group("data").add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pretraining data; 'synthetic' needs no download")
     a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, "
       "DATA_DIR/val/<class>/*; tinyimagenet: DATA_DIR/tiny-imagenet-200/)")
@@ -69,8 +72,10 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
       "the images' most common size, at most 64)")
     a("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip files that cannot be decoded")
     a("--num-train", type=COUNT, help="train on a fixed random subset of N images (quick runs)")
+    a = p.add_argument_group("model").add_argument
     a("--arch", default="resnet18", choices=ARCHS, help="backbone; CIFAR stem for ResNets on <=64 px")
     a("--width", type=COUNT, default=64, help="ResNet base width (64 = standard); 16 makes a CPU-sized net")
+    a = p.add_argument_group("optimisation and augmentation").add_argument
     a("--epochs", type=COUNT, default=200, help="training epochs")
     a("--batch-size", type=number(int, 2), default=256, help="global batch size, split across ranks under torchrun")
     a("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw" + later)
@@ -83,6 +88,7 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
         a("--global-crops", type=COUNT, help="large crops per image")
         a("--local-crops", type=NONNEG_INT, help="small crops (half the image side) per image")
         a("--local-scale", type=SCALE, nargs=2, default=(0.05, 0.4), metavar=("LO", "HI"), help="their area range")
+    a = p.add_argument_group("run").add_argument
     a("--seed", type=int, default=0, help="random seed (runs are deterministic on CPU)")
     a("--out-dir", help="run folder (default: runs/<method>-<dataset>-<arch>, or that name with -2, -3, ... when it "
       "holds another run); an --out-dir that holds a run is only continued, with --resume")
@@ -93,7 +99,8 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
       "(0: off)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:K")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
-    a("--compile", action="store_true", help="torch.compile the model in place (slower start, faster steps; the CPU needs a C++ compiler)")
+    a("--compile", action="store_true", help="torch.compile the model in place (slower start, faster steps; on the "
+      "CPU it needs a C++ compiler)")
     p.set_defaults(lr_batch=lr_batch)
 
 
@@ -249,10 +256,8 @@ def _folder_files(root, split, tiny=False):
     if not classes or not os.path.isdir(path):
         die(f"no class folders under {path}: expected images in {train}/<class>/ and "
             f"{os.path.join(root, 'val')}/<class>/ (set --data-dir)")
-    if tiny and split == "val":
+    if tiny and split == "val":  # _tiny_imagenet checked that the annotations are there
         ann = os.path.join(path, "val_annotations.txt")
-        if not os.path.isfile(ann):
-            die(f"Tiny-ImageNet: {ann} is missing (the labels of the val images)")
         rows = [line.split()[:2] for line in open(ann, errors="replace") if line.strip()]
         bad = next((r for r in rows if len(r) < 2 or r[1] not in classes), None)
         if bad:
@@ -272,22 +277,64 @@ def _folder_files(root, split, tiny=False):
     return files, labels, path
 
 
+TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", 200)
+
+
+def _tiny_imagenet(data_dir, download):
+    """-> the root of a complete official tiny-imagenet-200 layout: data_dir itself or data_dir/tiny-imagenet-200, else
+    downloaded there. The archive must match its published MD5 before anything is extracted, and is extracted into a
+    temporary folder renamed into place when whole: a half-done download or extraction is never taken for the dataset
+    (a leftover one is removed). Completeness costs a directory listing: every wnid with training images, one val
+    annotation per val image. CIFAR and STL-10 get the same from torchvision, which checks each file's MD5."""
+    url, md5, classes = TINY_IMAGENET
+    root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
+    for left in glob.glob(os.path.join(data_dir, "tiny-imagenet-200.part*")):  # an interrupted download or extraction
+        shutil.rmtree(left) if os.path.isdir(left) else os.remove(left)
+    archive = os.path.join(data_dir, "tiny-imagenet-200.zip")
+    if not os.path.exists(root) and download:
+        try:  # URLError (offline), HTTPError (its status) and a full disk are OSErrors
+            if not os.path.isfile(archive):
+                torchvision.datasets.utils.download_url(url, data_dir, "tiny-imagenet-200.part.zip")
+                os.replace(f"{archive[:-4]}.part.zip", archive)
+        except OSError as e:
+            cause = f"HTTP {e.code}" if hasattr(e, "code") else getattr(e, "reason", None) or e.strerror or e
+            die(f"downloading {url} failed ({cause}); offline, put tiny-imagenet-200.zip or its extracted folder in "
+                f"{data_dir}")
+        if (got := torchvision.datasets.utils.calculate_md5(archive)) != md5:
+            die(f"{archive} has MD5 {got}, not the published {md5} (a truncated or altered download): delete it and "
+                f"run again, or put a good copy there")
+        tmp = os.path.join(data_dir, f"tiny-imagenet-200.part{os.getpid()}")
+        with _writing(f"{root} (extracting {archive})"):
+            torchvision.datasets.utils.extract_archive(archive, tmp)
+            os.replace(os.path.join(tmp, "tiny-imagenet-200"), root)
+            os.rmdir(tmp)
+    if not os.path.isfile(os.path.join(root, "wnids.txt")):
+        die(f"Tiny-ImageNet is not in {data_dir}: extract tiny-imagenet-200.zip ({url}) there, so that "
+            f"{os.path.join(data_dir, 'tiny-imagenet-200', 'wnids.txt')} exists, or point --data-dir at it")
+    count = lambda *d: len(os.listdir(os.path.join(root, *d))) if os.path.isdir(os.path.join(root, *d)) else 0  # noqa
+    wnids, ann = open(os.path.join(root, "wnids.txt")).read().split(), os.path.join(root, "val", "val_annotations.txt")
+    empty = [w for w in wnids if not count("train", w, "images")]
+    labelled = sum(1 for line in open(ann) if line.strip()) if os.path.isfile(ann) else None
+    wrong = [f"wnids.txt lists {len(wnids)} classes, not {classes}"] if len(wnids) != classes else []
+    if empty:
+        wrong.append(f"{len(empty)} classes have no training images (first: {empty[0]})")
+    if labelled != count("val", "images"):
+        wrong.append(f"{ann} is missing" if labelled is None else f"{count('val', 'images')} val images for "
+                     f"{labelled} annotations")
+    if wrong:
+        die(f"Tiny-ImageNet in {root} is incomplete: {'; '.join(wrong)}. Delete it and download or extract "
+            f"tiny-imagenet-200.zip again")
+    return root
+
+
 def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False):
     """split: 'train' (pretraining images), 'memory' (labelled train images for kNN/linear), 'val'."""
     if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
         return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
     if name == "folder":
         return _decode(*_folder_files(data_dir, split), image_size, skip_bad)
-    if name == "tinyimagenet":  # the official tiny-imagenet-200 layout, in data_dir or in data_dir/tiny-imagenet-200
-        url, root = "http://cs231n.stanford.edu/tiny-imagenet-200.zip", os.path.join(data_dir, "tiny-imagenet-200")
-        root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else root
-        if not os.path.isfile(os.path.join(root, "wnids.txt")) and download:
-            with contextlib.suppress(Exception):  # offline: the line below says where to put it
-                torchvision.datasets.utils.download_and_extract_archive(url, data_dir)
-        if not os.path.isfile(os.path.join(root, "wnids.txt")):
-            die(f"Tiny-ImageNet is not in {data_dir}: extract tiny-imagenet-200.zip ({url}) there, so that "
-                f"{os.path.join(data_dir, 'tiny-imagenet-200', 'wnids.txt')} exists, or point --data-dir at it")
-        return _decode(*_folder_files(root, split, tiny=True), image_size or 64, skip_bad)
+    if name == "tinyimagenet":
+        return _decode(*_folder_files(_tiny_imagenet(data_dir, download), split, tiny=True), image_size or 64, skip_bad)
     try:
         if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
             part = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]

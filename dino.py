@@ -44,8 +44,7 @@ RECIPES = {  # wd_end None: constant weight decay
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=256, recipe="the backbone's recipe, RECIPES", crops=True)
-    a, R = p.add_argument, " (default: the backbone's recipe)"
+    a, R = p.add_argument_group("DINO").add_argument, " (default: the backbone's recipe)"
     a("--out-dim", type=common.COUNT, help="K, prototypes of the head (paper: 65536 on ImageNet)" + R)
     a("--bn-head", action=argparse.BooleanOptionalAction, help="BatchNorm in the head (official use_bn_in_head)" + R)
     a("--head-layers", type=common.COUNT, help="linear layers of the head's MLP (official nlayers; paper: 3)" + R)
@@ -67,6 +66,7 @@ def get_args(argv=None):
       "backbone's recipe, constant for ResNets)")
     a("--clip-grad", type=common.NONNEG, help="per-parameter gradient-norm clipping, 0 off (paper: 3)" + R)
     a("--min-lr", type=common.NONNEG, default=1e-6, help="final learning rate of the cosine (paper: 1e-6)")
+    common.add_common_args(p, lr_batch=256, recipe="the backbone's recipe, RECIPES", crops=True)
     p.set_defaults(method="dino", batch_size=256, epochs=100, global_crops=2)  # local crops, scales: resolve_crops
     args = common.parse(p, argv)
     recipe = dict(RECIPES["vit" if args.arch.startswith("vit") else "resnet"])

@@ -49,8 +49,7 @@ VARIANTS = {
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=256, crops=True)
-    a, V = p.add_argument, " (default: VARIANTS)"
+    a, V = p.add_argument_group("EntRec").add_argument, " (default: VARIANTS)"
     a("--variant", default="byol", choices=tuple(VARIANTS), help="architecture whose objective ER replaces")
     a("--kappa", type=common.number(float, 0, 1000, open_lo=True), help="simclr/byol: vMF concentration of the "
       "entropy and the reconstruction (paper: 10)")
@@ -66,6 +65,7 @@ def get_args(argv=None):
     a("--teacher-temp", type=common.POSITIVE, help="dino: teacher temperature after the warm-up (0.04)")
     a("--warmup-teacher-temp", type=common.POSITIVE, help="dino: initial teacher temperature (0.04)")
     a("--warmup-teacher-temp-epochs", type=common.NONNEG_INT, help="dino: linear teacher-temperature warm-up (30)")
+    common.add_common_args(p, lr_batch=256, crops=True)
     p.set_defaults(method="entrec", optimizer="adamw", lr=1e-3, wd=1e-6, batch_size=256, epochs=200, global_crops=2,
                    global_scale=(0.08, 1.0))
     args = common.parse(p, argv)

@@ -16,6 +16,7 @@ images and of the held-out split are extracted once (no augmentation, normalised
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -133,14 +134,66 @@ def greedy_order(sim):
     return order
 
 
-def save_similarity_png(sim, path, cell=4):
-    """Cosine-similarity matrix (C, C) as an image: white at 0, red towards +1, blue towards -1."""
+SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half disk", "two dots", "frame")
+
+
+def class_names(name, data_dir, count):
+    """Readable names of the classes 0..count-1: torchvision's for CIFAR and STL-10, the folder names for folder and
+    Tiny-ImageNet (the first name in words.txt for a wnid, where the archive has it), the shapes of synthetic."""
     import torchvision
-    s = sim.float().clamp(-1, 1)
-    pos, neg = s.clamp(min=0), (-s).clamp(min=0)
-    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos])  # (3, C, C)
-    rgb = rgb.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-    torchvision.utils.save_image(rgb, path)
+    names = []
+    with contextlib.suppress(Exception):  # no names found: the class numbers
+        if name == "synthetic":
+            names = list(SHAPES)
+        elif name in ("folder", "tinyimagenet"):
+            root = data_dir if name == "folder" or os.path.isfile(os.path.join(data_dir, "wnids.txt")) else \
+                os.path.join(data_dir, "tiny-imagenet-200")
+            names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+            words = dict(line.rstrip("\n").split("\t", 1) for line in open(os.path.join(root, "words.txt")))
+            names = [f"{w} {words[w].split(',')[0]}" if w in words else w for w in names]
+        else:
+            Data = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+            names = (Data(data_dir, train=False) if Data else torchvision.datasets.STL10(data_dir, "test")).classes
+    return [str(n) for n in names[:count]] + [str(i) for i in range(len(names), count)]
+
+
+def save_similarity_png(sim, path, names):
+    """The class-centroid cosine-similarity matrix (C, C) as a picture a person reads: cells of at least 6 px coloured
+    blue (-1), white (0), red (+1), class names on both axes (every k-th one past 30 classes), a colour scale.
+    -> (x, y, cell): the top-left corner of the matrix and the cell size, in pixels."""
+    from PIL import Image, ImageDraw, ImageFont
+    C, s = len(sim), sim.float().clamp(-1, 1)
+    cell, every = max(6, min(28, 700 // C)), math.ceil(C / 30)
+    try:
+        font = ImageFont.load_default(size=max(9, min(14, cell * every - 2)))
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    names = [n if len(n) <= 22 else n[:21] + "." for n in names]
+    margin = 10 + int(max(font.getlength(n) for n in names[::every]))
+    x0 = y0 = margin
+    img = Image.new("RGB", (x0 + C * cell + 80, y0 + C * cell + 34), "white")
+    draw = ImageDraw.Draw(img)
+    colour = lambda v: tuple(round(255 * c) for c in ((1, 1 - v, 1 - v) if v >= 0 else (1 + v, 1 + v, 1)))  # noqa
+    for i in range(C):
+        for j in range(C):
+            draw.rectangle([x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1],
+                           fill=colour(s[i, j].item()))
+    column = Image.new("RGB", (margin, C * cell), "white")  # column names: drawn across, then turned upright
+    cdraw = ImageDraw.Draw(column)
+    for i in range(0, C, every):
+        mid = y0 + i * cell + cell // 2
+        draw.text((x0 - 5, mid), names[i], fill="black", font=font, anchor="rm")
+        cdraw.text((margin - 5, (C - 1 - i) * cell + cell // 2), names[i], fill="black", font=font, anchor="rm")
+    img.paste(column.rotate(-90, expand=True), (x0, 0))  # clockwise: the last row of `column` is the first column
+    bar_x, h = x0 + C * cell + 14, C * cell
+    for k in range(h):  # the colour scale: +1 at the top, -1 at the bottom
+        draw.line([bar_x, y0 + k, bar_x + 14, y0 + k], fill=colour(1 - 2 * k / max(h - 1, 1)))
+    for v, k in ((1, 0), (0, h // 2), (-1, h - 1)):
+        draw.text((bar_x + 18, y0 + k), f"{v:+d}" if v else "0", fill="black", font=font, anchor="lm")
+    draw.text((x0, y0 + C * cell + 8), "cosine similarity of class centroids (centred features)", fill="black",
+              font=font)
+    img.save(path)
+    return x0, y0, cell
 
 
 def main(args):
@@ -191,7 +244,8 @@ def main(args):
         centroids = F.normalize(class_centroids(z, te_y) - z.mean(0), dim=1)  # >= 0 (ReLU), raw cosines all > 0
         sim = centroids @ centroids.T
         order = greedy_order(sim)
-        save_similarity_png(sim[order][:, order], base + ".centroids.png")
+        names = class_names(name, data_dir, len(sim))
+        save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
         res["centroid_order"] = order
     out = base + ".eval.json"
     with open(out, "w") as f:

@@ -29,15 +29,15 @@ import common
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
+    a = p.add_argument_group("HyDeS").add_argument
+    a("--kappa", type=common.number(float, 0, 1000, open_lo=True), default=1.0,
+      help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). Larger kappa, a sharper kernel, "
+           "learned far faster at short budgets (README)")
+    a("--alpha", type=common.NONNEG, default=1.0, help="weight of H_global, the uniformity term (paper: 1)")
+    a("--beta", type=common.NONNEG, default=1.0, help="weight of H_local, the alignment term (paper: 1)")
+    a("--proj-hidden", type=common.COUNT, default=2048, help="projector hidden width")
+    a("--proj-dim", type=common.number(int, 2), default=128, help="sphere dimension D (paper: no effect over 128-4096)")
     common.add_common_args(p, lr_batch=128, crops=True)
-    p.add_argument("--kappa", type=common.number(float, 0, 1000, open_lo=True), default=1.0,
-                   help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). Larger kappa, a "
-                        "sharper kernel, learned far faster at short budgets (README)")
-    p.add_argument("--alpha", type=common.NONNEG, default=1.0, help="weight of H_global, the uniformity term (paper: 1)")
-    p.add_argument("--beta", type=common.NONNEG, default=1.0, help="weight of H_local, the alignment term (paper: 1)")
-    p.add_argument("--proj-hidden", type=common.COUNT, default=2048, help="projector hidden width")
-    p.add_argument("--proj-dim", type=common.number(int, 2), default=128,
-                   help="sphere dimension D (paper: no effect over 128-4096)")
     p.set_defaults(method="hydes", optimizer="adamw", lr=1e-3, wd=1e-6, batch_size=128, epochs=200, global_crops=2,
                    local_crops=6, global_scale=(0.4, 1.0))
     args = common.parse(p, argv)

@@ -38,8 +38,7 @@ import common
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
-    common.add_common_args(p, lr_batch=256)
-    a = p.add_argument
+    a = p.add_argument_group("M-MAE").add_argument
     a("--mask-ratio", type=common.number(float, 0, 1, open_lo=True, open_hi=True), default=0.75,
       help="fraction of patches hidden from the encoder (MAE: 0.75)")
     a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -54,6 +53,7 @@ def get_args(argv=None):
     a("--pool", default="cls", choices=("cls", "mean"), help="Z: CLS after the final norm, or mean of visible tokens")
     a("--patch-size", type=common.COUNT, default=None, help="ViT patch (default 4 at 32 px, 8 at 96 px)")
     a("--save-recon", action="store_true", help="write a PNG (original / masked / reconstruction) every epoch")
+    common.add_common_args(p, lr_batch=256)
     p.set_defaults(method="mmae", arch="vit_tiny", optimizer="adamw", lr=1.5e-4, wd=0.05, batch_size=256, epochs=800,
                    warmup_epochs=40, global_scale=(0.2, 1.0))
     args = common.parse(p, argv)
@@ -207,7 +207,8 @@ def uncentred_effective_rank(z):
 
 @torch.no_grad()
 def save_recon(model, imgs, args, stats, path, n=8):
-    """Rows: original, masked input, reconstruction (visible patches pasted back), in pixel space."""
+    """Rows: original, masked input, reconstruction (visible patches pasted back), in pixel space, each image enlarged
+    to about 128 px (nearest neighbour) so that the patches can be seen."""
     pred, mask, _ = model(imgs[:n], args.mask_ratio)
     target = patchify(imgs[:n].float(), model.patch)
     if args.norm_pix_loss:  # undo the per-patch normalisation with the true patches' statistics
@@ -216,7 +217,8 @@ def save_recon(model, imgs, args, stats, path, n=8):
     rows = [target, target * (1 - m), target * (1 - m) + pred.float() * m]
     mean, std = stats[0].view(1, 3, 1, 1).to(imgs.device), stats[1].view(1, 3, 1, 1).to(imgs.device)
     grid = torch.cat([unpatchify(r, model.patch) * std + mean for r in rows]).clamp(0, 1)
-    torchvision.utils.save_image(grid, path, nrow=n)
+    grid = F.interpolate(grid.float(), scale_factor=max(1, 128 // grid.shape[-1]), mode="nearest")  # patches visible
+    torchvision.utils.save_image(grid, path, nrow=n, padding=4, pad_value=1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ import common
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
+    a = p.add_argument_group("SimCLR").add_argument
+    a("--temperature", type=common.POSITIVE, default=0.2,
+      help="NT-Xent temperature t (paper: 0.1 on ImageNet with large batches; 0.2-0.5 on CIFAR)")
+    a("--proj-hidden", type=common.COUNT, default=2048, help="projector hidden width")
+    a("--proj-dim", type=common.COUNT, default=128, help="projector output dimension (paper: 128)")
     common.add_common_args(p, lr_batch=256)
-    p.add_argument("--temperature", type=common.POSITIVE, default=0.2,
-                   help="NT-Xent temperature t (paper: 0.1 on ImageNet with large batches; 0.2-0.5 on CIFAR)")
-    p.add_argument("--proj-hidden", type=common.COUNT, default=2048, help="projector hidden width")
-    p.add_argument("--proj-dim", type=common.COUNT, default=128, help="projector output dimension (paper: 128)")
     p.set_defaults(method="simclr", optimizer="sgd", lr=0.3, wd=5e-4, batch_size=512, epochs=200,
                    global_scale=(0.08, 1.0))
     return common.parse(p, argv)

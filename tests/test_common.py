@@ -1,6 +1,7 @@
 """Plumbing: batched augmentation, kNN vote, schedule, checkpoints, synthetic data."""
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -158,12 +159,19 @@ def test_centroid_order_and_png(tmp_path):
     for i, j, s in ((0, 2, 0.9), (2, 3, 0.8), (3, 1, 0.7)):
         sim[i, j] = sim[j, i] = s
     assert greedy_order(sim) == [0, 2, 3, 1]
-    # +1 is pure red, -1 pure blue, 0 white
-    save_similarity_png(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), str(tmp_path / "m.png"), cell=1)
+    # +1 is pure red, -1 pure blue, 0 white, in cells a person can see, the class names written beside their rows
     import numpy as np
     from PIL import Image
-    px = torch.from_numpy(np.array(Image.open(tmp_path / "m.png").convert("RGB")))  # (2, 2, 3)
-    assert px[0, 0].tolist() == [255, 0, 0] and px[0, 1].tolist() == [0, 0, 255] and px[1, 1].tolist() == [255, 255, 255]
+    x0, y0, cell = save_similarity_png(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), str(tmp_path / "m.png"), ["ab", "cd"])
+    px = torch.from_numpy(np.array(Image.open(tmp_path / "m.png").convert("RGB")))  # (H, W, 3)
+    at = lambda i, j: px[y0 + i * cell + cell // 2, x0 + j * cell + cell // 2].tolist()  # noqa: E731
+    assert at(0, 0) == [255, 0, 0] and at(0, 1) == [0, 0, 255] and at(1, 1) == [255, 255, 255] and cell >= 6
+    for i in range(2):  # dark pixels (text) left of each row and above each column
+        assert px[y0 + i * cell: y0 + (i + 1) * cell, :x0].min() < 128
+        assert px[:y0, x0 + i * cell: x0 + (i + 1) * cell].min() < 128
+    # 100 classes: cells of at least 6 px, every 4th name
+    _, _, cell = save_similarity_png(torch.eye(100), str(tmp_path / "m100.png"), [f"class {i}" for i in range(100)])
+    assert cell >= 6 and Image.open(tmp_path / "m100.png").size[0] >= 100 * cell
 
 
 def test_check_finite_syncs_every_k_steps():
@@ -253,7 +261,7 @@ def make_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2):
             f.write(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63\n")
 
 
-def test_tinyimagenet_layout(tmp_path):
+def test_tinyimagenet_layout(tmp_path, three_classes):
     make_tiny_imagenet(str(tmp_path / "tiny-imagenet-200"))
     for data_dir in (tmp_path, tmp_path / "tiny-imagenet-200"):  # the folder holding it, or the folder itself
         train = common.get_dataset("tinyimagenet", str(data_dir), "train", download=False)
@@ -266,9 +274,10 @@ def test_tinyimagenet_layout(tmp_path):
         assert (val.images.float().mean((1, 2, 3)) - torch.tensor([120, 40, 120.0])).abs().max() < 3
 
 
-def test_tinyimagenet_val_labels_missing_or_unknown_are_one_line(tmp_path):
+def test_tinyimagenet_val_labels_missing_or_unknown_are_one_line(tmp_path, three_classes):
     root = tmp_path / "tiny-imagenet-200"
     make_tiny_imagenet(str(root))
+    write_image(str(root / "val" / "images" / "val_9.JPEG"), (9, 9, 9), size=(64, 64))
     with open(root / "val" / "val_annotations.txt", "a") as f:
         f.write("val_9.JPEG\tn99\t0\t0\t63\t63\n")  # a wnid that is not a train class
     with pytest.raises(SystemExit, match="labels val_9.JPEG with 'n99', which is not a class"):
@@ -281,6 +290,69 @@ def test_tinyimagenet_val_labels_missing_or_unknown_are_one_line(tmp_path):
 def test_tinyimagenet_missing_says_where_to_put_it(tmp_path):
     with pytest.raises(SystemExit, match="extract tiny-imagenet-200.zip .* so that .*tiny-imagenet-200/wnids.txt"):
         common.get_dataset("tinyimagenet", str(tmp_path), "train", download=False)
+
+
+def test_tinyimagenet_incomplete_copy_is_one_line(tmp_path, three_classes):
+    # a class without training images, and a val image without its annotation: both named, nothing decoded
+    root = tmp_path / "tiny-imagenet-200"
+    make_tiny_imagenet(str(root))
+    shutil.rmtree(root / "train" / "n02" / "images")
+    write_image(str(root / "val" / "images" / "val_7.JPEG"), (9, 9, 9), size=(64, 64))
+    with pytest.raises(SystemExit, match=r"incomplete: 1 classes have no training images \(first: n02\); 4 val images "
+                                         r"for 3 annotations\. Delete it"):
+        common.get_dataset("tinyimagenet", str(tmp_path), "train", download=False)
+    common.TINY_IMAGENET = common.TINY_IMAGENET[:2] + (200,)  # the official count (three_classes restores it)
+    with pytest.raises(SystemExit, match="wnids.txt lists 3 classes, not 200"):
+        common.get_dataset("tinyimagenet", str(tmp_path), "train", download=False)
+
+
+def fake_download(payload):
+    """A stand-in for torchvision's download_url that writes `payload` (bytes, or an exception to raise)."""
+    def download_url(url, root, filename):
+        if isinstance(payload, Exception):
+            raise payload
+        with open(os.path.join(root, filename), "wb") as f:
+            f.write(payload)
+    return download_url
+
+
+def test_tinyimagenet_download_is_checked_and_extracted_whole(tmp_path, monkeypatch, three_classes):
+    import hashlib
+    import io
+    import urllib.error
+    import zipfile
+    make_tiny_imagenet(str(tmp_path / "src" / "tiny-imagenet-200"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for d, _, files in os.walk(tmp_path / "src"):
+            for f in files:
+                z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), tmp_path / "src"))
+    good = buf.getvalue()
+    data = tmp_path / "data"
+    data.mkdir()
+    utils = common.torchvision.datasets.utils
+    # offline, and an HTTP error: one line with the cause
+    for error, said in ((urllib.error.URLError("no network"), r"failed \(no network\); offline, put"),
+                        (urllib.error.HTTPError("u", 404, "Not Found", {}, None), r"failed \(HTTP 404\)")):
+        monkeypatch.setattr(utils, "download_url", fake_download(error))
+        with pytest.raises(SystemExit, match=said):
+            common.get_dataset("tinyimagenet", str(data), "train")
+    # a truncated archive: its MD5 and the published one are named, nothing is extracted
+    monkeypatch.setattr(utils, "download_url", fake_download(good[:1000]))
+    got = hashlib.md5(good[:1000]).hexdigest()
+    with pytest.raises(SystemExit, match=f"tiny-imagenet-200.zip has MD5 {got}, not the published 90528d7c.*delete it"):
+        common.get_dataset("tinyimagenet", str(data), "train")
+    assert sorted(os.listdir(data)) == ["tiny-imagenet-200.zip"]
+    # the good archive (its MD5 made the published one here), and the leftovers of an interrupted extraction: the
+    # leftovers are removed, the archive extracted whole, and it loads
+    os.remove(data / "tiny-imagenet-200.zip")
+    monkeypatch.setattr(utils, "download_url", fake_download(good))
+    monkeypatch.setattr(common, "TINY_IMAGENET", ("u", hashlib.md5(good).hexdigest(), 3))
+    (data / "tiny-imagenet-200.part99" / "tiny-imagenet-200").mkdir(parents=True)
+    (data / "tiny-imagenet-200.part99" / "tiny-imagenet-200" / "wnids.txt").write_text("n01\n")
+    train = common.get_dataset("tinyimagenet", str(data), "train", image_size=8)
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert sorted(os.listdir(data)) == ["tiny-imagenet-200", "tiny-imagenet-200.zip"]
 
 
 def test_subset_is_fixed_random_and_covers_classes():

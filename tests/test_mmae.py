@@ -111,7 +111,8 @@ def test_lam_zero_is_mae_and_end_to_end(tmp_path):
     call("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean", "--eval-every", "0")
     rec = json.loads(open(tmp_path / "mmae" / "log.jsonl").readline())
     assert rec["loss"] < rec["recon"] and rec["tcr"] > 0 and 1 <= rec["effective_rank"] <= 64
-    assert (tmp_path / "mmae" / "recon_0001.png").stat().st_size > 0
+    from PIL import Image  # 3 rows of 8 images of 32 px, each drawn at 128 px (4 px patches -> 16 px), 4 px apart
+    assert Image.open(tmp_path / "mmae" / "recon_0001.png").size == (8 * 132 + 4, 3 * 132 + 4)
     # the fixed sine-cosine position embeddings are frozen: after training they are still exactly the formula
     ck = torch.load(tmp_path / "mmae" / "last.pt", weights_only=True)
     assert torch.equal(ck["backbone"]["encoder.pos_embedding"], sincos_pos_embed(192, 8))
