@@ -33,7 +33,7 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
-# ==== Arguments and run folders =======================================================================================
+# ==== Arguments =======================================================================================================
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: ...)" where the help says it or it is resolved later (None)
         return action.help if action.default is None or "default" in action.help else super()._get_help_string(action)
@@ -104,10 +104,6 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
     p.set_defaults(lr_batch=lr_batch)
 
 
-def _has_run(folder):
-    return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "log.jsonl"))
-
-
 def parse(p, argv=None):
     """Parse and check. A new run's folder is claimed by `setup`. With --resume, flags not given take the checkpoint's
     values (resolved ones too: decode size, recipe, normalisation), a given flag that differs from the checkpoint is an
@@ -123,8 +119,6 @@ def parse(p, argv=None):
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
     default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
     if not args.resume:
-        if args.out_dir and _has_run(args.out_dir):
-            die(f"--out-dir {args.out_dir} holds another run: continue it with --resume, or choose a new --out-dir")
         return args
     if args.resume == "auto":  # --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]
         found = [os.path.join(args.out_dir, "last.pt")] if args.out_dir else glob.glob(f"{default}/last.pt") + \
@@ -284,27 +278,24 @@ def _tiny_imagenet(data_dir, download):
     """-> the root of a complete official tiny-imagenet-200 layout: data_dir itself or data_dir/tiny-imagenet-200, else
     downloaded there. The archive must match its published MD5 before anything is extracted, and is extracted into a
     temporary folder renamed into place when whole: a half-done download or extraction is never taken for the dataset
-    (a leftover one is removed). Completeness costs a directory listing: every wnid with training images, one val
-    annotation per val image. CIFAR and STL-10 get the same from torchvision, which checks each file's MD5."""
+    (the next download removes it). Completeness costs a directory listing: every wnid with training images, one val
+    annotation per val image. (CIFAR and STL-10: torchvision checks the MD5 of each file.)"""
     url, md5, classes = TINY_IMAGENET
     root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
-    for left in glob.glob(os.path.join(data_dir, "tiny-imagenet-200.part*")):  # an interrupted download or extraction
-        shutil.rmtree(left) if os.path.isdir(left) else os.remove(left)
-    archive = os.path.join(data_dir, "tiny-imagenet-200.zip")
+    archive, tmp = os.path.join(data_dir, "tiny-imagenet-200.zip"), os.path.join(data_dir, "tiny-imagenet-200.part")
     if not os.path.exists(root) and download:
         try:  # URLError (offline), HTTPError (its status) and a full disk are OSErrors
             if not os.path.isfile(archive):
-                torchvision.datasets.utils.download_url(url, data_dir, "tiny-imagenet-200.part.zip")
-                os.replace(f"{archive[:-4]}.part.zip", archive)
+                torchvision.datasets.utils.download_url(url, data_dir, "tiny-imagenet-200.zip.part")
+                os.replace(f"{archive}.part", archive)
         except OSError as e:
-            cause = f"HTTP {e.code}" if hasattr(e, "code") else getattr(e, "reason", None) or e.strerror or e
-            die(f"downloading {url} failed ({cause}); offline, put tiny-imagenet-200.zip or its extracted folder in "
-                f"{data_dir}")
+            die(f"downloading {url} failed ({f'HTTP {e.code}' if hasattr(e, 'code') else getattr(e, 'reason', e)}); "
+                f"offline, put tiny-imagenet-200.zip or its extracted folder in {data_dir}")
         if (got := torchvision.datasets.utils.calculate_md5(archive)) != md5:
             die(f"{archive} has MD5 {got}, not the published {md5} (a truncated or altered download): delete it and "
                 f"run again, or put a good copy there")
-        tmp = os.path.join(data_dir, f"tiny-imagenet-200.part{os.getpid()}")
         with _writing(f"{root} (extracting {archive})"):
+            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted extraction
             torchvision.datasets.utils.extract_archive(archive, tmp)
             os.replace(os.path.join(tmp, "tiny-imagenet-200"), root)
             os.rmdir(tmp)
@@ -314,13 +305,12 @@ def _tiny_imagenet(data_dir, download):
     count = lambda *d: len(os.listdir(os.path.join(root, *d))) if os.path.isdir(os.path.join(root, *d)) else 0  # noqa
     wnids, ann = open(os.path.join(root, "wnids.txt")).read().split(), os.path.join(root, "val", "val_annotations.txt")
     empty = [w for w in wnids if not count("train", w, "images")]
-    labelled = sum(1 for line in open(ann) if line.strip()) if os.path.isfile(ann) else None
-    wrong = [f"wnids.txt lists {len(wnids)} classes, not {classes}"] if len(wnids) != classes else []
-    if empty:
-        wrong.append(f"{len(empty)} classes have no training images (first: {empty[0]})")
-    if labelled != count("val", "images"):
-        wrong.append(f"{ann} is missing" if labelled is None else f"{count('val', 'images')} val images for "
-                     f"{labelled} annotations")
+    labelled = sum(1 for line in open(ann) if line.strip()) if os.path.isfile(ann) else -1
+    wrong = [m for bad, m in ((len(wnids) != classes, f"wnids.txt lists {len(wnids)} classes, not {classes}"),
+                              (empty, f"{len(empty)} classes have no training images (first: {(empty or [''])[0]})"),
+                              (labelled < 0, f"{ann} is missing"),
+                              (labelled not in (-1, count("val", "images")),
+                               f"{count('val', 'images')} val images for {labelled} annotations")) if bad]
     if wrong:
         die(f"Tiny-ImageNet in {root} is incomplete: {'; '.join(wrong)}. Delete it and download or extract "
             f"tiny-imagenet-200.zip again")
@@ -570,59 +560,6 @@ def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
 
 
 # ==== Device, distributed, optimiser, schedules =======================================================================
-RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log records, pending signal, lock file
-
-
-def _claim(args):
-    """Rank 0: the run folder, locked for the life of this process (flock on OUT_DIR/.lock, released by the OS however
-    the process ends), so runs started together never share one. A default folder that holds a run or is locked is
-    passed over for the next -2, -3, ...; an explicit --out-dir or a resumed run locked by a live process is an error."""
-    with contextlib.suppress(KeyError, OSError):
-        RUN.pop("lock").close()  # a run started earlier in this process (tests) has ended
-    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    for d in [args.out_dir] if args.out_dir else [default] + [f"{default}-{k}" for k in range(2, 10**6)]:
-        os.makedirs(d, exist_ok=True)
-        lock = open(os.path.join(d, ".lock"), "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner, _ = lock.read().strip(), lock.close()
-            if args.out_dir:
-                die(f"{d} is in use by a running process ({owner or '?'}): wait for it, or choose another --out-dir")
-            continue
-        if not args.resume and _has_run(d):  # finished by a run that started after our parse: like parse's check
-            lock.close()
-            if args.out_dir:
-                die(f"--out-dir {d} holds another run: continue it with --resume, or choose a new --out-dir")
-            continue
-        lock.truncate(0), lock.write(f"pid {os.getpid()}\n"), lock.flush()
-        RUN["lock"] = lock
-        return d
-
-
-def _interrupted(signum, frame):
-    """SIGINT / SIGTERM: stop at once, or after the checkpoint and log line being written (nothing half-written)."""
-    if os.getpid() != RUN["pid"]:  # a DataLoader worker: the main process stops the run
-        return
-    RUN["signal"] = signum
-    if not RUN["writing"]:
-        _stop()
-
-
-def _stop():
-    """One line: where the run stopped, its last checkpoint, the command that continues it; exit 128 + signal."""
-    args, saved, signum = RUN["args"], RUN["saved"], RUN["signal"]
-    if world_rank()[1] == 0:
-        world = world_rank()[0]
-        launch = f"torchrun --nproc_per_node={world}" if dist.is_initialized() else "python"
-        where = f"{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {args.epochs}"
-        print(f"\n{where}; no epoch has finished, nothing to continue: start it again" if not saved else
-              f"\n{where}; the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} "
-              f"{shlex.quote(sys.argv[0])} --resume {shlex.quote(saved[0])}", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
-
-
 def world_rank():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
@@ -729,7 +666,46 @@ def check_finite(total, epoch, step=None, every=50):
             f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
 
 
-# ==== Checkpoints and logs ============================================================================================
+# ==== Run folder, checkpoints, log, interrupts ========================================================================
+RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log records, pending signal, lock file
+
+
+def _claim(args):
+    """Rank 0: the run folder, locked (flock) for the life of this process, so runs started together never share one.
+    A default folder that holds a run or is locked is passed over for the next -2, -3, ...; an explicit --out-dir (or a
+    resumed run's folder) that is locked, or holds another run, is an error."""
+    with contextlib.suppress(KeyError):
+        RUN.pop("lock").close()  # the previous run of this process (tests) has ended
+    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    for d in [args.out_dir] if args.out_dir else [default] + [f"{default}-{k}" for k in range(2, 10**6)]:
+        os.makedirs(d, exist_ok=True)
+        RUN["lock"] = open(os.path.join(d, ".lock"), "w")
+        with contextlib.suppress(BlockingIOError):  # locked: a live run
+            fcntl.flock(RUN["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if args.resume or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
+                return d
+        RUN.pop("lock").close()
+        if args.out_dir:
+            die(f"--out-dir {d} holds another run, or a running process uses it: continue it with --resume (once it "
+                f"has stopped), or choose a new --out-dir")
+
+
+def _interrupted(signum, frame=None):
+    """SIGINT / SIGTERM (or, while a checkpoint and its log line are written, right after them): one line with the
+    epoch reached, the last checkpoint and the command that continues it; exit status 128 + signal."""
+    RUN["signal"] = signum
+    if os.getpid() != RUN["pid"] or RUN["writing"]:  # a DataLoader worker (the main process stops), or writing
+        return
+    args, saved = RUN["args"], RUN["saved"]
+    launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
+    if world_rank()[1] == 0:
+        print(f"\n{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {args.epochs}; " + (
+            f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} {shlex.quote(sys.argv[0])} "
+            f"--resume {shlex.quote(saved[0])}" if saved else "no epoch has finished, nothing to continue: start it "
+            "again"), file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _writing(path, tmp=None):
     """An I/O error (full disk, no permission) while writing `path` stops with one line naming it, leaving no `tmp`."""
@@ -761,23 +737,16 @@ def load_checkpoint(path):
 
 
 def restore_log(ck, log):
-    """Make log.jsonl the checkpoint's records (a run killed after its checkpoint, or in the middle of a log line,
-    leaves a line missing or torn); for a checkpoint of an earlier version, the log's whole lines up to its epoch.
-    -> the records."""
-    old = open(log, errors="replace").read() if os.path.isfile(log) else None
-    rows = []
-    for line in (old or "").splitlines():
-        with contextlib.suppress(ValueError, TypeError, KeyError):  # a torn line is dropped
-            rows += [r for r in [json.loads(line)] if r["epoch"] <= ck["epoch"]]
-    records = ck.get("log", rows)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if world_rank()[1] == 0 and old != text:
+    """Rewrite log.jsonl from the checkpoint's records where it differs (a run killed after its checkpoint, or in the
+    middle of a log line, leaves a line missing or torn). -> the records."""
+    records, old = ck.get("log", []), open(log, errors="replace").read() if os.path.isfile(log) else None
+    if "log" in ck and old != "".join(json.dumps(r) + "\n" for r in records) and world_rank()[1] == 0:
         if old is not None:
             print(f"warning: {log} did not match the checkpoint (a line torn, or written after it): rewritten from "
                   f"its {len(records)} records", file=sys.stderr)
         with _writing(log, f"{log}.tmp"):
             with open(f"{log}.tmp", "w") as f:
-                f.write(text)
+                f.writelines(json.dumps(r) + "\n" for r in records)
             os.replace(f"{log}.tmp", log)
     return records
 
@@ -819,7 +788,7 @@ def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
     RUN["writing"] = False
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if RUN["signal"]:
-        _stop()
+        _interrupted(RUN["signal"])
     if done == args.epochs:
         RUN.pop("lock").close()  # the folder holds a finished run: no other run takes it
         script, ck = shlex.quote(sys.argv[0]), shlex.quote(ck)

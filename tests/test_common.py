@@ -348,8 +348,8 @@ def test_tinyimagenet_download_is_checked_and_extracted_whole(tmp_path, monkeypa
     os.remove(data / "tiny-imagenet-200.zip")
     monkeypatch.setattr(utils, "download_url", fake_download(good))
     monkeypatch.setattr(common, "TINY_IMAGENET", ("u", hashlib.md5(good).hexdigest(), 3))
-    (data / "tiny-imagenet-200.part99" / "tiny-imagenet-200").mkdir(parents=True)
-    (data / "tiny-imagenet-200.part99" / "tiny-imagenet-200" / "wnids.txt").write_text("n01\n")
+    (data / "tiny-imagenet-200.part" / "tiny-imagenet-200").mkdir(parents=True)
+    (data / "tiny-imagenet-200.part" / "tiny-imagenet-200" / "wnids.txt").write_text("n01\n")
     train = common.get_dataset("tinyimagenet", str(data), "train", image_size=8)
     assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert sorted(os.listdir(data)) == ["tiny-imagenet-200", "tiny-imagenet-200.zip"]

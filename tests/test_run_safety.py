@@ -179,5 +179,5 @@ def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
     simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path)]))
     with open(tmp_path / ".lock", "a+") as held:  # as a live run holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="is in use by a running process"):
+        with pytest.raises(SystemExit, match="a running process uses it"):
             simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path), "--resume", "--epochs", "2"]))

@@ -34,8 +34,8 @@ def test_a_second_run_never_writes_into_the_first(tmp_path, monkeypatch):
     assert len(lines("runs/simclr-synthetic-resnet18/log.jsonl")) == 1
     assert torch.load("runs/simclr-synthetic-resnet18/last.pt", weights_only=True)["args"]["temperature"] == 0.2
     # an explicit --out-dir that holds a run: one line saying what to do
-    with pytest.raises(SystemExit, match="holds another run: continue it with --resume"):
-        simclr.get_args(SIMCLR_TINY + ["--out-dir", "runs/simclr-synthetic-resnet18"])
+    with pytest.raises(SystemExit, match="holds another run, or a running process uses it: continue it with --resume"):
+        simclr.train(simclr.get_args(SIMCLR_TINY + ["--out-dir", "runs/simclr-synthetic-resnet18"]))
     # --resume without a path continues the newest matching run, with its own flags (temperature 0.5, 1 epoch done)
     resumed = simclr.get_args(["--resume", "--dataset", "synthetic", "--epochs", "2"])
     assert resumed.resume == os.path.join("runs", "simclr-synthetic-resnet18-2", "last.pt")
