@@ -31,21 +31,22 @@ def start(*args, cwd=ROOT, code=None):
 
 
 def test_runs_started_together_get_a_folder_each(tmp_path):
-    temperatures = (0.1, 0.2, 0.3, 0.4)
+    temperatures = (0.1, 0.2, 0.3)
     procs = [start(*FAST, "--epochs", "1", "--eval-every", "0", "--temperature", t, cwd=tmp_path) for t in temperatures]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.err()
     said = {t: p.err().split("run folder: ")[1].split()[0] for t, p in zip(temperatures, procs)}  # each prints its own
     assert sorted(said.values()) == ["runs/simclr-synthetic-resnet18"] + [f"runs/simclr-synthetic-resnet18-{k}"
-                                                                          for k in (2, 3, 4)]
+                                                                          for k in (2, 3)]
     for t, folder in said.items():  # each folder holds exactly the run that named it
         ck = torch.load(tmp_path / folder / "last.pt", weights_only=True)
         assert ck["args"]["temperature"] == t and ck["args"]["out_dir"] == folder
         assert len(open(tmp_path / folder / "log.jsonl").readlines()) == 1
 
 
-# A run of 3 epochs killed (SIGKILL, no chance to clean up) at the second end of epoch, at each of its points; `KILL`
-# wraps the function that runs at that point so that its second call kills the process there.
+# A run of 2 epochs killed (SIGKILL, no chance to clean up) at its second end of epoch, at each of its points: KILLER
+# wraps the function that runs at that point so that its second call kills the process there. Resumed, the run must be
+# the uninterrupted one, bit for bit (after a kill past the last checkpoint, the resume only restores the log).
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -104,14 +105,14 @@ def same(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert start(*FAST, "--epochs", "3", "--out-dir", out).wait(timeout=300) == 0
+    assert start(*FAST, "--epochs", "2", "--out-dir", out).wait(timeout=300) == 0
     return model_and_log(out)
 
 
 @pytest.mark.parametrize("point", ["knn", "checkpoint", "between", "log"])
 def test_killed_at_any_point_of_the_end_of_an_epoch_resumes_to_the_same_run(tmp_path, uninterrupted, point):
     out = tmp_path / "run"
-    p = start(point, *FAST, "--epochs", "3", "--out-dir", out, code=KILLER.format(root=ROOT))
+    p = start(point, *FAST, "--epochs", "2", "--out-dir", out, code=KILLER.format(root=ROOT))
     assert p.wait(timeout=300) == -signal.SIGKILL, p.err()
     assert len(torch.load(out / "last.pt", weights_only=True)["log"]) == (2 if point in ("between", "log") else 1)
     r = start("--out-dir", out, "--resume")
@@ -124,7 +125,7 @@ def test_killed_at_any_point_of_the_end_of_an_epoch_resumes_to_the_same_run(tmp_
 def interrupt(tmp_path, sig, after_epochs):
     """Start a run of 2 long epochs, send `sig` once `after_epochs` epochs are logged; -> (process, its stderr)."""
     out = tmp_path / "run"
-    p = start(*FAST, "--num-train", "1024", "--batch-size", "16", "--epochs", "2", "--eval-every", "0", "--out-dir", out,
+    p = start(*FAST, "--num-train", "512", "--batch-size", "16", "--epochs", "2", "--eval-every", "0", "--out-dir", out,
               cwd=tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
