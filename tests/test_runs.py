@@ -167,3 +167,17 @@ def test_bad_flag_is_one_line_naming_it(module, flag, value, extra, tmp_path, ca
     assert e.value.code not in (0, None)
     msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in msg and flag in msg, msg
+
+
+@pytest.mark.parametrize("module,group", [(simclr, "SimCLR"), (hydes, "HyDeS"), (dino, "DINO"), (entrec, "EntRec"),
+                                          (mmae, "M-MAE")])
+def test_help_starts_with_the_method_and_shows_each_default_once(module, group, capsys):
+    import re
+    with pytest.raises(SystemExit) as e:
+        module.get_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    heads = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert heads == ["options", group, "data", "model", "optimisation and augmentation", "run"]
+    for block in re.split(r"\n  (?=-)", out.split(f"\n{group}:\n")[1]):  # one block per flag
+        assert block.count("default") <= 1, block
