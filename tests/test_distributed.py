@@ -96,3 +96,20 @@ def test_two_processes_equal_one(tmp_path):
         assert torch.allclose(res["dino_center"], center, atol=1e-6)
         for p, q in zip(res["step"], net.parameters()):
             assert torch.allclose(p, q, atol=1e-6)  # the DDP step lands on the single-process weights
+
+
+def test_a_script_under_torchrun_trains_one_run_in_one_folder(tmp_path):
+    # torchrun on the CPU (gloo): rank 0 claims the run folder and tells the other rank; DDP without SyncBatchNorm
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+    args = TINY + ["--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--num-train", "64", "--batch-size", "32",
+                   "--epochs", "2"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "simclr.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.listdir(tmp_path / "runs") == ["simclr-synthetic-resnet18"] and p.stderr.count("run folder:") == 1
+    ck = torch.load(tmp_path / "runs" / "simclr-synthetic-resnet18" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and [r["epoch"] for r in ck["log"]] == [1, 2]
