@@ -146,7 +146,8 @@ def test_sigterm_stops_with_one_line_and_the_command_that_continues(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
     cmd = shlex.split(last.split("continue with: ")[1])
     assert cmd[0] == "python" and cmd[-2] == "--resume"
-    done = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert [r["epoch"] for r in torch.load(tmp_path / "run" / "last.pt", weights_only=True)["log"]] == [1, 2]
 

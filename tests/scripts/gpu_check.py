@@ -150,7 +150,8 @@ def main():
         except ImportError:
             wheels = os.path.join(ROOT, "wheels")
             st.say(f"lightly is not installed: pip install --no-index --find-links {wheels} lightly")
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels, "lightly"])
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels,
+                            "lightly"])
         out = st.run("peer.txt", ["tests/scripts/benchmark.py", "--device", args.device, "--peer", "lightly",
                                   *small], 0.2)
         for line in out.splitlines():
