@@ -281,8 +281,8 @@ def _tiny_imagenet(data_dir, download):
     (the next download removes it). Completeness costs a directory listing: every wnid with training images, one val
     annotation per val image. (CIFAR and STL-10: torchvision checks the MD5 of each file.)"""
     url, md5, classes = TINY_IMAGENET
-    root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
-    archive, tmp = os.path.join(data_dir, "tiny-imagenet-200.zip"), os.path.join(data_dir, "tiny-imagenet-200.part")
+    root, archive, tmp = (os.path.join(data_dir, f"tiny-imagenet-200{x}") for x in ("", ".zip", ".part"))
+    root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else root
     if not os.path.exists(root) and download:
         try:  # URLError (offline), HTTPError (its status) and a full disk are OSErrors
             if not os.path.isfile(archive):
