@@ -294,7 +294,7 @@ def _tiny_imagenet(data_dir, download):
         if (got := torchvision.datasets.utils.calculate_md5(archive)) != md5:
             die(f"{archive} has MD5 {got}, not the published {md5} (a truncated or altered download): delete it and "
                 f"run again, or put a good copy there")
-        with _writing(f"{root} (extracting {archive})"):
+        with writing(f"{root} (extracting {archive})"):
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted extraction
             torchvision.datasets.utils.extract_archive(archive, tmp)
             os.replace(os.path.join(tmp, "tiny-imagenet-200"), root)
@@ -580,7 +580,7 @@ def setup(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if rank == 0:
-        with _writing(f"the run folder {args.out_dir or 'runs/'}"):
+        with writing(f"the run folder {args.out_dir or 'runs/'}"):
             args.out_dir = _claim(args)
             for tmp in glob.glob(os.path.join(args.out_dir, "*.tmp")):
                 os.remove(tmp)
@@ -707,7 +707,7 @@ def _interrupted(signum, frame=None):
 
 
 @contextlib.contextmanager
-def _writing(path, tmp=None):
+def writing(path, tmp=None):
     """An I/O error (full disk, no permission) while writing `path` stops with one line naming it, leaving no `tmp`."""
     try:
         yield
@@ -719,7 +719,7 @@ def _writing(path, tmp=None):
 
 def save_checkpoint(path, state):
     """Atomic: write PATH.tmp, then rename it over PATH."""
-    with _writing(path, f"{path}.tmp"):
+    with writing(path, f"{path}.tmp"):
         torch.save(state, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
 
@@ -744,7 +744,7 @@ def restore_log(ck, log):
         if old is not None:
             print(f"warning: {log} did not match the checkpoint (a line torn, or written after it): rewritten from "
                   f"its {len(records)} records", file=sys.stderr)
-        with _writing(log, f"{log}.tmp"):
+        with writing(log, f"{log}.tmp"):
             with open(f"{log}.tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             os.replace(f"{log}.tmp", log)
@@ -783,7 +783,7 @@ def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
     RUN.update(saved=(ck, done), log=state["log"])
     if args.save_every and done % args.save_every == 0:
         save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
-    with _writing(log), open(log, "a") as f:
+    with writing(log), open(log, "a") as f:
         f.write(json.dumps(record) + "\n")
     RUN["writing"] = False
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

@@ -202,7 +202,12 @@ def main(args):
     if args.export:  # the backbone is a torchvision model (CIFAR stem at <= 64 px) without its classifier
         common.save_checkpoint(args.export, ck["backbone"])
         return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except RuntimeError:
+        common.die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        common.die(f"--device {args.device} asked for, but no CUDA device is visible")
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
               skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
@@ -245,10 +250,11 @@ def main(args):
         sim = centroids @ centroids.T
         order = greedy_order(sim)
         names = class_names(name, data_dir, len(sim))
-        save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
+        with common.writing(base + ".centroids.png"):
+            save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
         res["centroid_order"] = order
     out = base + ".eval.json"
-    with open(out, "w") as f:
+    with common.writing(out), open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(" ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))
     print(f"wrote {out}")

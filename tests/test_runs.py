@@ -181,3 +181,13 @@ def test_help_starts_with_the_method_and_shows_each_default_once(module, group, 
     assert heads == ["options", group, "data", "model", "optimisation and augmentation", "run"]
     for block in re.split(r"\n  (?=-)", out.split(f"\n{group}:\n")[1]):  # one block per flag
         assert block.count("default") <= 1, block
+
+
+def test_evaluation_faults_are_one_line(tmp_path):
+    call("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path)
+    ck = str(tmp_path / "last.pt")
+    with pytest.raises(SystemExit, match="--device bogus is not a device"):
+        eval_linear.main(eval_linear.get_args(["--checkpoint", ck, "--device", "bogus"]))
+    os.mkdir(tmp_path / "last.eval.json")  # where the results go is a folder: the write fails
+    with pytest.raises(SystemExit, match="cannot write .*last.eval.json"):
+        eval_linear.main(eval_linear.get_args(["--checkpoint", ck, "--probe-epochs", "1", "--limit", "64"]))
