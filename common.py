@@ -673,7 +673,7 @@ RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log 
 def _claim(args):
     """Rank 0: the run folder, locked (flock) for the life of this process, so runs started together never share one.
     A default folder that holds a run or is locked is passed over for the next -2, -3, ...; an explicit --out-dir (or a
-    resumed run's folder) that is locked, or holds another run, is an error."""
+    resumed run's folder) that is locked, or holds a run other than the resumed one, is an error."""
     with contextlib.suppress(KeyError):
         RUN.pop("lock").close()  # the previous run of this process (tests) has ended
     default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
@@ -682,7 +682,8 @@ def _claim(args):
         RUN["lock"] = open(os.path.join(d, ".lock"), "w")
         with contextlib.suppress(BlockingIOError):  # locked: a live run
             fcntl.flock(RUN["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if args.resume or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
+            resumed_here = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(d)
+            if resumed_here or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
                 return d
         RUN.pop("lock").close()
         if args.out_dir:

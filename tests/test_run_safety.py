@@ -176,10 +176,15 @@ def test_a_signal_while_writing_waits_for_the_checkpoint_and_log_line(tmp_path, 
     assert len(open(tmp_path / "log.jsonl").readlines()) == 1
 
 
-def test_a_run_in_use_cannot_be_resumed_twice(tmp_path):
+def test_a_run_in_use_cannot_be_resumed_twice_nor_continued_into_another_run(tmp_path):
     import fcntl
-    simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path)]))
-    with open(tmp_path / ".lock", "a+") as held:  # as a live run holds it
+    for run in ("a", "b"):
+        simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path / run)]))
+    with pytest.raises(SystemExit, match="holds another run"):  # run a continued in run b's folder: refused
+        simclr.train(simclr.get_args(["--resume", str(tmp_path / "a" / "last.pt"), "--epochs", "2", "--out-dir",
+                                      str(tmp_path / "b")]))
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    with open(tmp_path / "a" / ".lock", "a+") as held:  # as a live run holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit, match="a running process uses it"):
-            simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path), "--resume", "--epochs", "2"]))
+            simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path / "a"), "--resume", "--epochs", "2"]))
