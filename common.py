@@ -697,13 +697,11 @@ def _interrupted(signum, frame=None):
     RUN["signal"] = signum
     if os.getpid() != RUN["pid"] or RUN["writing"]:  # a DataLoader worker (the main process stops), or writing
         return
-    args, saved = RUN["args"], RUN["saved"]
-    launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
+    saved, launch = RUN["saved"], f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
     if world_rank()[1] == 0:
-        print(f"\n{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {args.epochs}; " + (
+        print(f"\n{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {RUN['args'].epochs}; " + (
             f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} {shlex.quote(sys.argv[0])} "
-            f"--resume {shlex.quote(saved[0])}" if saved else "no epoch has finished, nothing to continue: start it "
-            "again"), file=sys.stderr, flush=True)
+            f"--resume {shlex.quote(saved[0])}" if saved else "no epoch has finished: start it again"), file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -753,15 +751,14 @@ def restore_log(ck, log):
 
 
 def resume(args, model, opt):
-    """Load model + optimiser state (`parse` checked the flags); the log is rewritten from the records the checkpoint
-    holds (a run killed after its checkpoint, or in the middle of a log line, leaves one line missing or torn).
-    -> the epoch to start from."""
+    """Load model + optimiser state (`parse` checked the flags) and restore the log; -> the epoch to start from."""
     if not args.resume:
         return 0
-    ck, log = load_checkpoint(args.resume), os.path.join(args.out_dir, "log.jsonl")
+    ck = load_checkpoint(args.resume)
     getattr(model, "module", model).load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    RUN.update(saved=(args.resume, ck["epoch"]), log=restore_log(ck, log), epoch=ck["epoch"])
+    RUN.update(saved=(args.resume, ck["epoch"]), epoch=ck["epoch"],
+               log=restore_log(ck, os.path.join(args.out_dir, "log.jsonl")))
     print(f"resumed from {args.resume} at epoch {ck['epoch']}", file=sys.stderr)
     return ck["epoch"]
 
@@ -775,8 +772,7 @@ def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
     done = epoch + 1
     if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
         record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
-    record, log, ck = {"epoch": done, **record}, os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir,
-                                                                                                      "last.pt")
+    record, log, ck = {"epoch": done, **record}, *(os.path.join(args.out_dir, f) for f in ("log.jsonl", "last.pt"))
     state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(), "log": RUN["log"] + [record],
              "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
     RUN["writing"] = True  # a signal now waits for the checkpoint and the log line

@@ -155,7 +155,7 @@ def test_sigterm_stops_with_one_line_and_the_command_that_continues(tmp_path):
 def test_sigint_before_the_first_epoch_says_there_is_nothing_to_continue(tmp_path):
     p, err = interrupt(tmp_path, signal.SIGINT, after_epochs=0)
     assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert err.strip().splitlines()[-1].startswith("SIGINT: stopped in epoch 1 of 2; no epoch has finished")
+    assert err.strip().splitlines()[-1] == "SIGINT: stopped in epoch 1 of 2; no epoch has finished: start it again"
 
 
 def test_a_signal_while_writing_waits_for_the_checkpoint_and_log_line(tmp_path, monkeypatch):
