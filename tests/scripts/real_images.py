@@ -114,6 +114,14 @@ def monitor_knn(ck, args):
     return common.knn_monitor(backbone, memory, val, stats, torch.device("cpu"))
 
 
+def read_json(path):
+    """A JSON file an earlier piece wrote, or None when it is missing or torn (a piece killed while writing it)."""
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+
+
 DEADLINE = [None]  # set by --time-limit
 
 
@@ -152,7 +160,7 @@ def train_and_eval(name, script_flags, args):
         seconds = 0.0
     else:
         done = os.path.isfile(ck) and torch.load(ck, map_location="cpu", weights_only=True)["epoch"] >= args.epochs
-        seconds = json.load(open(timing))["seconds"] if os.path.isfile(timing) else 0.0
+        seconds = (read_json(timing) or {"seconds": 0.0})["seconds"]
         if not done:
             print(f"training {name}: {script} {' '.join(flags)}", flush=True)
             t = time.time()
@@ -164,13 +172,13 @@ def train_and_eval(name, script_flags, args):
                 json.dump({"seconds": seconds}, open(timing, "w"))
             if os.path.isfile(ev):
                 os.remove(ev)
-    if not os.path.isfile(ev):
+    if read_json(ev) is None:  # not evaluated yet, or killed while writing its result
         print(f"evaluating {name}", flush=True)
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(["eval_linear.py", "--checkpoint", ck, "--probe-epochs", str(args.probe_epochs), "--device", args.device,
              "--geometry", *limit],
             os.path.join(folder, "eval.log"))
-    res = json.load(open(ev))
+    res = read_json(ev)
     return {"run": name, "arch": res["arch"], "knn20": res["knn20_top1"], "knn200": res["knn200_top1"],
             "linear": res["linear_top1"], "seconds": seconds}
 
