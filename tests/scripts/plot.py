@@ -48,10 +48,10 @@ def plot_log(folders, out):
     rows_n = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for f, rows in logs.items():
+        for i, (f, rows) in enumerate(logs.items()):  # a run keeps its colour in every panel
             pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 12 else None, ms=3, label=label(f))
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 12 else None, ms=3, color=f"C{i % 10}", label=label(f))
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -72,6 +72,7 @@ def plot_curves(panels, floors, out):
         rows = [r for r in read_log(f) if r.get("epoch") == 0 and "knn_top1" in r]
         if rows:
             floor[rows[0].get("arch", "resnet18")] = (label(f), rows[0]["knn_top1"])
+    colour = {f: f"C{i % 10}" for i, f in enumerate(dict.fromkeys(f for _, *fs in panels for f in fs))}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (title, *folders) in zip(axes.flat, panels):
         archs = set()
@@ -83,7 +84,7 @@ def plot_curves(panels, floors, out):
             if arch in floor:
                 pts = [(0, floor[arch][1])] + pts
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=label(f))
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colour[f], label=label(f))
         for arch in sorted(archs & floor.keys()):
             ax.axhline(floor[arch][1], ls="--", lw=1, color="grey")
             ax.text(0, floor[arch][1], f" {floor[arch][0]}", fontsize=7, color="grey", va="bottom")
