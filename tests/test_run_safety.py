@@ -188,3 +188,11 @@ def test_a_run_in_use_cannot_be_resumed_twice_nor_continued_into_another_run(tmp
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit, match="a running process uses it"):
             simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path / "a"), "--resume", "--epochs", "2"]))
+
+
+def test_the_plotting_script_reads_a_log_with_a_torn_last_line(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
+    import plot  # matplotlib is only imported to draw
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "loss": 2.5}\n{"epoch": 2, "loss": 2.25}\n{"epoch": 3, "lo')
+    assert plot.read_log(tmp_path) == [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 2.25}]
+    assert "skipped 1 line(s)" in capsys.readouterr().err
