@@ -569,7 +569,7 @@ def setup(args):
     checkpoint left by a run killed while saving), catch SIGINT / SIGTERM, seed."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
     world, rank = world_rank()
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
