@@ -138,8 +138,9 @@ SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half 
 
 
 def class_names(name, data_dir, count):
-    """Readable names of the classes 0..count-1: torchvision's for CIFAR and STL-10, the folder names for folder and
-    Tiny-ImageNet (the first name in words.txt for a wnid, where the archive has it), the shapes of synthetic."""
+    """Readable names of the classes 0..count-1: torchvision's for CIFAR and STL-10, the shapes of synthetic, the
+    folder names for folder and Tiny-ImageNet, or for a wnid the first name that a words.txt beside train/ gives it
+    (lines "wnid<TAB>names", as Tiny-ImageNet ships it)."""
     import torchvision
     names = []
     with contextlib.suppress(Exception):  # no names found: the class numbers
@@ -150,7 +151,7 @@ def class_names(name, data_dir, count):
                 os.path.join(data_dir, "tiny-imagenet-200")
             names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
             words = dict(line.rstrip("\n").split("\t", 1) for line in open(os.path.join(root, "words.txt")))
-            names = [f"{w} {words[w].split(',')[0]}" if w in words else w for w in names]
+            names = [words[w].split(",")[0] if w in words else w for w in names]
         else:
             Data = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
             names = (Data(data_dir, train=False) if Data else torchvision.datasets.STL10(data_dir, "test")).classes

@@ -174,6 +174,16 @@ def test_centroid_order_and_png(tmp_path):
     assert cell >= 6 and Image.open(tmp_path / "m100.png").size[0] >= 100 * cell
 
 
+def test_class_names_of_a_folder_come_from_words_txt(tmp_path):
+    from eval_linear import class_names
+    for c in ("n02", "n01", "zebra"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    (tmp_path / "words.txt").write_text("n01\tgoldfish, Carassius auratus\nn02\tbullfrog\n")
+    assert class_names("folder", str(tmp_path), 3) == ["goldfish", "bullfrog", "zebra"]  # sorted folders: n01 n02 zebra
+    assert class_names("synthetic", "", 10)[:3] == ["disk", "square", "triangle"]
+    assert class_names("cifar10", str(tmp_path / "none"), 2) == ["0", "1"]  # not there: the class numbers
+
+
 def test_check_finite_syncs_every_k_steps():
     common.check_finite(torch.tensor(float("nan")), 0, 3, every=50)  # not a checking step: no sync, no stop
     with pytest.raises(SystemExit, match=r"the loss became nan in epoch 1 \(within steps 1-50\)"):
