@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -22,7 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 def start(*args, cwd=ROOT, code=None):
     """A script run as a separate process (stderr to a file, read back with .err()); code: python run instead of the
     script, with the script's argv."""
-    log = open(os.path.join(cwd, f"stderr-{time.monotonic_ns()}.txt"), "w+")
+    log = tempfile.NamedTemporaryFile("w+", prefix="stderr-", suffix=".txt", delete=False)  # never in the checkout
     cmd = [sys.executable, "-c", code, *map(str, args)] if code else [sys.executable, os.path.join(ROOT, "simclr.py"),
                                                                      *map(str, args)]
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, env=ENV, text=True)
