@@ -153,16 +153,15 @@ def test_bad_input(tmp_path, extra, words, capsys):
 
 
 def test_hydes_learns_on_synthetic(tmp_path):
-    # A short CPU run (ResNet-18 width 8, 2 + 2 crops, kappa = 10 for a sharper kernel than the paper's 1,
-    # 4 epochs of the 5000 synthetic images, ~60 s; real photographs: test_real_images.py). Measured when written:
-    # random init 25.6% kNN top-1, after HyDeS 35.2% (41.1% after 6 epochs, 53.2% after 10). Asked for: 6 points
-    # above the same backbone's random init.
+    # A short CPU run (ResNet-18 width 8, 2 crops, kappa = 10 for a sharper kernel than the paper's 1, 4 epochs of the
+    # 5000 synthetic images, ~50 s; real photographs: test_real_images.py). Measured when written: random init 25.6%
+    # kNN top-1, after HyDeS 44.8% (with 2 + 2 crops: 35.2%). Asked for: 10 points above the same backbone's random init.
     import common
     from conftest import random_init_knn
     call("hydes.py", "--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--batch-size", "128",
-        "--epochs", "4", "--warmup-epochs", "1", "--proj-hidden", "256", "--lr", "3e-3", "--local-crops", "2",
-        "--kappa", "10", "--eval-every", "4", "--device", "cpu", "--out-dir", tmp_path)
+         "--epochs", "4", "--warmup-epochs", "1", "--proj-hidden", "256", "--lr", "3e-3", "--local-crops", "0",
+         "--kappa", "10", "--eval-every", "4", "--device", "cpu", "--out-dir", tmp_path)
     trained = json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["knn_top1"]
     random_init = random_init_knn(common.get_dataset("synthetic", split="train"), common.get_dataset("synthetic", split="val"))
     print(f"random-init kNN {random_init:.1f}%, after HyDeS {trained:.1f}%")
-    assert trained >= random_init + 6
+    assert trained >= random_init + 10
