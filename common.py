@@ -42,12 +42,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def number(kind=float, lo=-math.inf, hi=math.inf, open_lo=False, open_hi=False):
     """argparse type: a finite int or float in the interval lo..hi (closed ends unless open_lo / open_hi)."""
     def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            x = math.nan
-        if math.isfinite(x) and (lo < x if open_lo else lo <= x) and (x < hi if open_hi else x <= hi):
-            return x
+        with contextlib.suppress(ValueError):
+            if math.isfinite(x := kind(text)) and (lo < x if open_lo else lo <= x) and (x < hi if open_hi else x <= hi):
+                return x
         interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi or hi == math.inf else ']'}"
         raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {interval}, "
                                          f"got {text}")
@@ -105,9 +102,8 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
 
 
 def parse(p, argv=None):
-    """Parse and check. A new run's folder is claimed by `setup`. With --resume, flags not given take the checkpoint's
-    values (resolved ones too: decode size, recipe, normalisation), a given flag that differs from the checkpoint is an
-    error, and --epochs may grow."""
+    """Parse and check. With --resume, flags not given take the checkpoint's values (resolved ones too: decode size,
+    recipe, normalisation), a given flag that differs is an error, and --epochs may grow."""
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = p.parse_args(argv)
     for flag, (lo, hi) in [(k, v) for k, v in vars(args).items() if k.endswith("_scale") and v]:
@@ -117,13 +113,12 @@ def parse(p, argv=None):
         torch.device("cpu" if args.device == "auto" else args.device)
     except RuntimeError:
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
-    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
     if not args.resume:
         return args
     if args.resume == "auto":  # --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]
-        found = [os.path.join(args.out_dir, "last.pt")] if args.out_dir else glob.glob(f"{default}/last.pt") + \
-            glob.glob(f"{default}-[0-9]*/last.pt")
-        found = [f for f in found if os.path.isfile(f)]
+        default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+        found = [f for f in [os.path.join(args.out_dir or default, "last.pt")] + ([] if args.out_dir else glob.glob(
+            f"{default}-[0-9]*/last.pt")) if os.path.isfile(f)]
         if not found:
             die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
         args.resume = max(found, key=os.path.getmtime)
@@ -242,9 +237,8 @@ def _decode(files, labels, where, size, skip_bad):
 
 
 def _folder_files(root, split, tiny=False):
-    """-> (image files, labels, where). Classes are the sorted sub-folders of train/ (ImageFolder); val/ sub-folders
-    are matched to them by name (val may hold fewer), so a label means the same in both splits. tiny: Tiny-ImageNet's
-    val/images/*, labelled by val/val_annotations.txt."""
+    """-> (image files, labels, where). Classes: the sorted sub-folders of train/; val/ sub-folders are matched to them
+    by name (val may hold fewer). tiny: Tiny-ImageNet's val/images/*, labelled by val/val_annotations.txt."""
     train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
     classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if os.path.isdir(train) else []
     if not classes or not os.path.isdir(path):
@@ -275,11 +269,9 @@ TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1
 
 
 def _tiny_imagenet(data_dir, download):
-    """-> the root of a complete official tiny-imagenet-200 layout: data_dir itself or data_dir/tiny-imagenet-200, else
-    downloaded there. The archive must match its published MD5 before anything is extracted, and is extracted into a
-    temporary folder renamed into place when whole: a half-done download or extraction is never taken for the dataset
-    (the next download removes it). Completeness costs a directory listing: every wnid with training images, one val
-    annotation per val image. (CIFAR and STL-10: torchvision checks the MD5 of each file.)"""
+    """-> the root of a complete tiny-imagenet-200 layout (data_dir or data_dir/tiny-imagenet-200), else downloaded: the
+    archive's MD5 is checked, then it is extracted into a temporary folder renamed into place when whole, so a half-done
+    download or extraction is never taken for the dataset; completeness costs a directory listing."""
     url, md5, classes = TINY_IMAGENET
     root, archive, tmp = (os.path.join(data_dir, f"tiny-imagenet-200{x}") for x in ("", ".zip", ".part"))
     root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else root
@@ -350,9 +342,8 @@ def subset(data, n, seed=0):
 
 
 def load_data(args, device):
-    """Pretraining images on `device`, the labelled kNN memory / query splits (on CPU), and the per-channel
-    (mean, std) of up to 10k pretraining images; the decode size and the statistics are saved in args (so in the
-    checkpoint): evaluation and resume reuse them."""
+    """Pretraining images on `device`, the labelled kNN memory / query splits (on CPU), and the per-channel (mean, std)
+    of up to 10k pretraining images, saved in args (so in the checkpoint) with the decode size for eval and resume."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
               skip_bad=args.skip_bad_images)
     train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
@@ -445,10 +436,9 @@ def gaussian_blur(x, g, sigma=(0.1, 2.0)):
 
 
 class MultiCrop:
-    """uint8 (B, 3, H, W) batch -> list of normalised float views: `n_global` crops of the image size, then `n_local`
-    crops of half that side. Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px images
-    DINO's blur (p 1.0 / 0.1 on the global crops, 0.5 local) and solarisation (p 0.2, second global crop).
-    color=False: crop + flip only (MAE). The per-image PIL pipeline it replaces is in tests/scripts/benchmark.py."""
+    """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of the image size, then `n_local` of half
+    that side. Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1
+    global, 0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
 
     def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  color=True):
@@ -516,9 +506,8 @@ class ResNet(torchvision.models.ResNet):
 
 
 class ViT(torchvision.models.VisionTransformer):
-    """torchvision ViT returning the CLS token after the final LayerNorm (pool='cls') or the mean of
-    the patch tokens (pool='mean'). Smaller inputs (multi-crop's local crops) get bicubically
-    interpolated position embeddings."""
+    """torchvision ViT returning the CLS token after the final LayerNorm (pool='cls') or the mean of the patch tokens
+    (pool='mean'); smaller inputs (local crops) get bicubically interpolated position embeddings."""
 
     def __init__(self, pool="cls", **kw):
         super().__init__(**kw)
@@ -600,10 +589,9 @@ CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True
 
 
 def cuda_paths(device):
-    """Whether to take the paths written for a CUDA GPU: bf16 autocast, the crops of one size in one pass,
-    channels-last tensors, fused AdamW. Every such choice is made here, so that a test runs them all on the CPU. The
-    CPU default stays fp32, per crop, contiguous: CPU bf16 is ~20x slower, and oneDNN's channels-last 1x1-convolution
-    backward crashes on some shapes (ResNet-18 width 4 or 8 at 64 px, torch 2.14, AVX-512)."""
+    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, channels-last, fused AdamW),
+    decided here alone so that a test runs them all on the CPU. The CPU stays fp32, per crop, contiguous: CPU bf16 is
+    ~20x slower, and oneDNN's channels-last conv backward crashes at ResNet-18 width 4/8 on 64 px (torch 2.14)."""
     return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
 
 
@@ -613,9 +601,8 @@ def autocast(args, device):
 
 
 def gather(x, dim=0):
-    """x of every rank, concatenated along `dim` in rank order, with a gradient (torch's autograd all_gather: the
-    local slice receives the sum over ranks of its gradient). A whole-batch loss, computed alike on every rank and
-    back-propagated as it is, then gives after DDP's gradient mean the single-process gradient."""
+    """x of every rank, concatenated along `dim` in rank order, with a gradient (each slice gets the sum over ranks):
+    a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one."""
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim) if dist.is_initialized() else x
 
 
@@ -671,10 +658,9 @@ RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log 
 
 
 def _claim(args):
-    """Rank 0: the run folder, locked (flock) for the life of this process, so runs started together never share one.
-    A default folder that holds a run or is locked is passed over for the next -2, -3, ...; an explicit --out-dir (or a
-    resumed run's folder) that is locked, or holds a run other than the resumed one, is an error."""
-    with contextlib.suppress(KeyError):
+    """Rank 0: the run folder, locked (flock) while this process lives. A default folder that holds a run or is locked
+    is passed over for -2, -3, ...; an explicit or resumed folder that is locked or holds another run is an error."""
+    if "lock" in RUN:
         RUN.pop("lock").close()  # the previous run of this process (tests) has ended
     default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
     for d in [args.out_dir] if args.out_dir else [default] + [f"{default}-{k}" for k in range(2, 10**6)]:
@@ -736,8 +722,7 @@ def load_checkpoint(path):
 
 
 def restore_log(ck, log):
-    """Rewrite log.jsonl from the checkpoint's records where it differs (a run killed after its checkpoint, or in the
-    middle of a log line, leaves a line missing or torn). -> the records."""
+    """Rewrite log.jsonl from the checkpoint's records where it differs (a line missing or torn by a kill); -> them."""
     records, old = ck.get("log", []), open(log, errors="replace").read() if os.path.isfile(log) else None
     if "log" in ck and old != "".join(json.dumps(r) + "\n" for r in records) and world_rank()[1] == 0:
         if old is not None:
@@ -808,12 +793,10 @@ def extract_features(backbone, data, stats, device, batch_size=512):
 
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
-    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their
-    class. Returns (top1, top5) accuracy in percent."""
+    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
+    -> (top1, top5) accuracy in percent."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    C = int(train_y.max()) + 1
-    k = min(k, len(train_f))
-    correct1 = correct5 = 0
+    C, k, correct1, correct5 = int(train_y.max()) + 1, min(k, len(train_f)), 0, 0
     for i in range(0, len(test_f), batch_size):
         sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(sim), C, device=sim.device)
