@@ -18,12 +18,13 @@ from conftest import ROOT, TINY
 
 FAST = TINY + ["--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--num-train", "64", "--batch-size", "32"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+LOGS = tempfile.TemporaryDirectory(prefix="run-safety-")  # the subprocesses' stderr, removed when pytest exits
 
 
 def start(*args, cwd=ROOT, code=None):
     """A script run as a separate process (stderr to a file, read back with .err()); code: python run instead of the
     script, with the script's argv."""
-    log = tempfile.NamedTemporaryFile("w+", prefix="stderr-", suffix=".txt", delete=False)  # never in the checkout
+    log = tempfile.NamedTemporaryFile("w+", dir=LOGS.name, suffix=".txt", delete=False)  # never in the checkout
     cmd = [sys.executable, "-c", code, *map(str, args)] if code else [sys.executable, os.path.join(ROOT, "simclr.py"),
                                                                      *map(str, args)]
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, env=ENV, text=True)
