@@ -117,8 +117,8 @@ def parse(p, argv=None):
         return args
     if args.resume == "auto":  # --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]
         default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-        found = [f for f in [os.path.join(args.out_dir or default, "last.pt")] + ([] if args.out_dir else glob.glob(
-            f"{default}-[0-9]*/last.pt")) if os.path.isfile(f)]
+        others = [] if args.out_dir else glob.glob(f"{default}-[0-9]*/last.pt")  # the -2, -3, ... folders
+        found = [f for f in [os.path.join(args.out_dir or default, "last.pt")] + others if os.path.isfile(f)]
         if not found:
             die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
         args.resume = max(found, key=os.path.getmtime)

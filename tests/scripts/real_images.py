@@ -30,7 +30,8 @@ import common  # noqa: E402
 
 METHODS = {"SimCLR": "simclr.py", "DINO": "dino.py", "HyDeS": "hydes.py", "EntRec (byol)": "entrec.py",
            "M-MAE": "mmae.py"}
-# The 30-epoch runs behind the README's curves and claims table (--set claims), most telling first: a partial set is already a table.
+# The 30-epoch runs behind the README's curves and claims table (--set claims), most telling first: a partial set is
+# already a table.
 CLAIMS = [("SimCLR", "simclr.py"), ("HyDeS, kappa 1", "hydes.py --kappa 1"), ("HyDeS, kappa 10", "hydes.py --kappa 10"),
           ("HyDeS, kappa 20", "hydes.py --kappa 20"), ("DINO", "dino.py"), ("EntRec (byol)", "entrec.py"),
           ("M-MAE", "mmae.py --arch vit_tiny"), ("MAE", "mmae.py --arch vit_tiny --lam 0"),
