@@ -1,12 +1,21 @@
-"""Plumbing shared by every method file: data, batched augmentation, backbones, training utilities; nothing
-method-specific (no losses, heads or teachers). Every dataset is decoded once into uint8 (N, 3, H, W) on the training
-device, where augmentation runs as batched tensor ops."""
+"""Plumbing shared by every method file, nothing method-specific (no losses, heads or teachers), in two halves.
+
+Part I, what a researcher reads: arguments, data (every dataset decoded once into uint8 (N, 3, H, W) on the training
+device), batched augmentation on the device, backbones, device / distributed / optimisation, evaluation.
+Part II, what keeps runs safe: `Run`, the one object that owns a run's folder and its lock, the values it resolved,
+its last checkpoint, its log records and a pending signal; then checkpoint files, the log and the non-finite stop.
+
+A train() reads:  run = Run(args) -> data = load_data(args, run.device) -> run.resolve(data) -> model, optimizer ->
+start = run.resume(model, opt) -> per epoch: schedule, forward, loss, step, [EMA], metrics; kNN monitor,
+run.save(record, ...) -> run.finish().
+"""
 import argparse
 import collections
 import contextlib
 import fcntl
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -14,13 +23,14 @@ import shlex
 import shutil
 import signal
 import sys
+import textwrap
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 from tqdm import tqdm
 
 IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
@@ -33,6 +43,9 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
+# ######################################################################################################################
+# PART I: what a researcher reads
+# ######################################################################################################################
 # ==== Arguments =======================================================================================================
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: ...)" where the help says it or it is resolved later (None)
@@ -102,8 +115,9 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
 
 
 def parse(p, argv=None):
-    """Parse and check. With --resume, flags not given take the checkpoint's values (resolved ones too: decode size,
-    recipe, normalisation), a given flag that differs is an error, and --epochs may grow."""
+    """Parse and check; reads a checkpoint, writes nothing. With --resume, flags not given take the checkpoint's
+    values (resolved ones too: decode size, recipe, normalisation, crops), a given flag that differs is an error, and
+    --epochs may change (the schedules are then recomputed over the new total: Run.resume says so)."""
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = p.parse_args(argv)
     for flag, (lo, hi) in [(k, v) for k, v in vars(args).items() if k.endswith("_scale") and v]:
@@ -115,30 +129,31 @@ def parse(p, argv=None):
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
     if not args.resume:
         return args
-    if args.resume == "auto":  # --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]
-        default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-        others = [] if args.out_dir else glob.glob(f"{default}-[0-9]*/last.pt")  # the -2, -3, ... folders
-        found = [f for f in [os.path.join(args.out_dir or default, "last.pt")] + others if os.path.isfile(f)]
-        if not found:
-            die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
-        args.resume = max(found, key=os.path.getmtime)
-    ck, out_dir = load_checkpoint(args.resume), args.out_dir or os.path.dirname(args.resume) or "."
-    if ck["args"].get("method") != args.method:
-        die(f"{args.resume} is a {ck['args'].get('method')} checkpoint, not {args.method}")
+    resume = find_resume(args) if args.resume == "auto" else args.resume
+    out_dir, saved = args.out_dir or os.path.dirname(resume) or ".", load_checkpoint(resume)["args"]
+    if saved.get("method") != args.method:
+        die(f"{resume} is a {saved.get('method')} checkpoint, not {args.method}")
     free = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
-            "save_every"}  # what a resumed run may change (and --epochs may grow); every other value is the run's
-    p.set_defaults(**{k: v for k, v in ck["args"].items() if k not in ("resume", "out_dir", "device")})  # not given
-    args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": args.resume, "out_dir": out_dir})
-    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in ck["args"].items()
-              if k not in free | {"epochs"} and json.dumps(getattr(args, k)) != json.dumps(v)]
+            "save_every", "epochs"}  # what a resumed run may change; every other value is the run's
+    p.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "out_dir", "device")})  # flags not given
+    args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": resume, "out_dir": out_dir})
+    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in saved.items()
+              if k not in free and json.dumps(getattr(args, k)) != json.dumps(v)]
     if differ:
-        die(f"--resume {args.resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
-    if ck["epoch"] >= args.epochs:
-        restore_log(ck, os.path.join(out_dir, "log.jsonl"))  # a run killed before its last log line
-        print(f"{args.resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger "
-              f"--epochs to train on)", file=sys.stderr)
-        raise SystemExit(0)
+        die(f"--resume {resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
     return args
+
+
+def find_resume(args):
+    """--resume without a path: --out-dir's last.pt, else the newest last.pt of runs/<method>-<dataset>-<arch>[-K]."""
+    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    candidates = [os.path.join(args.out_dir or default, "last.pt")]
+    if not args.out_dir:
+        candidates += glob.glob(f"{default}-[0-9]*/last.pt")  # the -2, -3, ... folders
+    found = [f for f in candidates if os.path.isfile(f)]
+    if not found:
+        die(f"--resume: no last.pt in {args.out_dir or default + '*'} to continue; give a checkpoint path")
+    return max(found, key=os.path.getmtime)
 
 
 # ==== Data: uint8 images (N, 3, H, W) + int64 labels (N,) (-1: none) ==================================================
@@ -240,7 +255,10 @@ def _folder_files(root, split, tiny=False):
     """-> (image files, labels, where). Classes: the sorted sub-folders of train/; val/ sub-folders are matched to them
     by name (val may hold fewer). tiny: Tiny-ImageNet's val/images/*, labelled by val/val_annotations.txt."""
     train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
-    classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if os.path.isdir(train) else []
+    try:
+        classes = torchvision.datasets.folder.find_classes(train)[0]  # the sorted sub-folders
+    except FileNotFoundError:  # no train/, or no class folder in it
+        classes = []
     if not classes or not os.path.isdir(path):
         die(f"no class folders under {path}: expected images in {train}/<class>/ and "
             f"{os.path.join(root, 'val')}/<class>/ (set --data-dir)")
@@ -273,7 +291,8 @@ def _tiny_imagenet(data_dir, download):
     archive's MD5 is checked, then it is extracted into a temporary folder renamed into place when whole, so a half-done
     download or extraction is never taken for the dataset; completeness costs a directory listing."""
     url, md5, classes = TINY_IMAGENET
-    root, archive, tmp = (os.path.join(data_dir, f"tiny-imagenet-200{x}") for x in ("", ".zip", ".part"))
+    root = os.path.join(data_dir, "tiny-imagenet-200")
+    archive, tmp = f"{root}.zip", f"{root}.part"
     root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else root
     if not os.path.exists(root) and download:
         try:  # URLError (offline), HTTPError (its status) and a full disk are OSErrors
@@ -341,27 +360,36 @@ def subset(data, n, seed=0):
     return Split(data.images[keep], data.labels[keep])
 
 
+Data = collections.namedtuple("Data", "images memory val stats")  # pretraining images on the device, kNN splits, stats
+
+
 def load_data(args, device):
-    """Pretraining images on `device`, the labelled kNN memory / query splits (on CPU), and the per-channel (mean, std)
-    of up to 10k pretraining images, saved in args (so in the checkpoint) with the decode size for eval and resume."""
+    """-> Data: the pretraining images (uint8, on `device`), the labelled kNN memory / query splits (on the CPU) and
+    the per-channel pixel (mean, std) of up to 10k pretraining images (a resumed run's come from its checkpoint).
+    Run.resolve saves the decode size and the statistics in the run's config, for eval and resume."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
               skip_bad=args.skip_bad_images)
     train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
-    args.image_size = kw["image_size"] = train.images.shape[-1]
+    kw["image_size"] = train.images.shape[-1]
     own = args.dataset in ("synthetic", "folder", "tinyimagenet")  # no separate labelled train split
     memory = train if own else get_dataset(args.dataset, split="memory", **kw)
     if getattr(args, "mean", None) is None:
         x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
-        args.mean, args.std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
-    val, stats = get_dataset(args.dataset, split="val", **kw), (torch.tensor(args.mean), torch.tensor(args.std))
-    return train.images.to(device), memory, val, stats
+        stats = x.mean((0, 2, 3)), x.std((0, 2, 3))
+        if flat := (stats[1] == 0).nonzero().flatten().tolist():  # one colour: normalised, every pixel is nan
+            where = args.data_dir if args.dataset in ("folder", "tinyimagenet") else args.dataset
+            die(f"the {len(train.images)} pretraining images of {where} have a pixel standard deviation of 0 in "
+                f"channel {'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be "
+                f"normalised: check the images")
+    else:
+        stats = torch.tensor(args.mean), torch.tensor(args.std)
+    return Data(train.images.to(device), memory, get_dataset(args.dataset, split="val", **kw), stats)
 
 
 def batches(images, batch_size, epoch, seed):
     """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact. Under torchrun
     each rank takes its slice of the same global batch (batch_size is the global size)."""
     world, rank = world_rank()
-    RUN["epoch"] = epoch
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(images.device)
     steps, local = len(images) // batch_size, batch_size // world
     if steps == 0:
@@ -460,7 +488,7 @@ class MultiCrop:
                 v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
                 v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
         v = (v - self.mean.to(dev)) / self.std.to(dev)
-        return v.contiguous(memory_format=torch.channels_last) if cuda_paths(dev) else v
+        return v.contiguous(memory_format=torch.channels_last) if channels_last(dev) else v
 
     def __call__(self, x, g):
         """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
@@ -548,51 +576,20 @@ def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
                mlp_dim=4 * dim), dim
 
 
-# ==== Device, distributed, optimiser, schedules =======================================================================
-def world_rank():
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def setup(args):
-    """Join the process group when launched by torchrun, pick the device, claim the run folder (removing a temporary
-    checkpoint left by a run killed while saving), catch SIGINT / SIGTERM, seed."""
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
-    world, rank = world_rank()
-    if args.batch_size % world:
-        die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
-    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if str(device) == "cuda" else device  # torchrun
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device} asked for, but no CUDA device is visible")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if rank == 0:
-        with writing(f"the run folder {args.out_dir or 'runs/'}"):
-            args.out_dir = _claim(args)
-            for tmp in glob.glob(os.path.join(args.out_dir, "*.tmp")):
-                os.remove(tmp)
-        print(f"run folder: {args.out_dir}", file=sys.stderr)
-    if dist.is_initialized():  # every rank uses rank 0's folder
-        dist.broadcast_object_list(box := [args.out_dir])
-        args.out_dir = box[0]
-    RUN.update(args=args, epoch=0, saved=None, log=[], signal=None, writing=False, pid=os.getpid())
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupted)
-    torch.manual_seed(args.seed)  # every random draw of the scripts comes from torch generators
-    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
+# ==== Device, distributed, optimiser, schedules, metrics ==============================================================
 CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True to run them on CPU tensors
 
 
 def cuda_paths(device):
-    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, channels-last, fused AdamW),
-    decided here alone so that a test runs them all on the CPU. The CPU stays fp32, per crop, contiguous: CPU bf16 is
-    ~20x slower, and oneDNN's channels-last conv backward crashes at ResNet-18 width 4/8 on 64 px (torch 2.14)."""
+    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, fused AdamW), decided here
+    alone so that a test runs them all on the CPU. The CPU stays fp32 and per crop: CPU bf16 is ~20x slower."""
     return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
+
+
+def channels_last(device):
+    """Whether convolutions run channels-last: on the CUDA paths (tensor cores), not on the CPU, where oneDNN's
+    channels-last backward crashes ResNets of widths 4 and 8 (README: Devices, for the width x size table)."""
+    return cuda_paths(device)
 
 
 def autocast(args, device):
@@ -600,10 +597,57 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and cuda_paths(device))
 
 
+def pick_device(name):
+    """--device: auto (CUDA when visible, else the CPU), cpu, cuda, cuda:K; anything else is a one-line error."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        die(f"--device {name} is not a device: use auto, cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name} asked for, but no CUDA device is visible")
+    return device
+
+
+def init_device(args):
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU) and pick the device: --device,
+    or under torchrun this rank's GPU (LOCAL_RANK)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
+    if args.batch_size % world_rank()[0]:
+        die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world_rank()[0]}")
+    device = pick_device(args.device)
+    if str(device) == "cuda":  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def world_rank():
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+class _AllGather(torch.autograd.Function):
+    """dist.all_gather with a backward: the gradient of each rank's slice is the sum over ranks of the gradients that
+    reached it (an all-reduce; a bare all_gather would have none)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = torch.stack(grads)  # (world, *x.shape)
+        dist.all_reduce(total)
+        return total[dist.get_rank()]
+
+
 def gather(x, dim=0):
     """x of every rank, concatenated along `dim` in rank order, with a gradient (each slice gets the sum over ranks):
     a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim) if dist.is_initialized() else x
+    return torch.cat(_AllGather.apply(x), dim) if dist.is_initialized() else x
 
 
 def aug_generator(args, device, epoch):
@@ -612,9 +656,9 @@ def aug_generator(args, device, epoch):
 
 
 def to_device(model, device, args):
-    """Move to `device` (channels-last on the CUDA paths), compile in place with --compile (state_dict keys unchanged),
-    and under torchrun wrap in DistributedDataParallel."""
-    model = model.to(device, memory_format=torch.channels_last if cuda_paths(device) else torch.preserve_format)
+    """Move to `device` (channels-last where `channels_last` says), compile in place with --compile (state_dict keys
+    unchanged), and under torchrun wrap in DistributedDataParallel."""
+    model = model.to(device, memory_format=torch.channels_last if channels_last(device) else torch.preserve_format)
     if args.compile:
         model.compile()
     if not dist.is_initialized():
@@ -626,24 +670,261 @@ def to_device(model, device, args):
 
 
 def optimizer(args, model, betas=(0.9, 0.999)):
-    """-> (optimiser, base lr = --lr x batch / lr_batch): sgd (momentum 0.9) or adamw (fused on CUDA), weight decay
-    on weight matrices and kernels only, not on biases and norm parameters."""
+    """sgd (momentum 0.9) or adamw (fused on the CUDA paths) at lr args.base_lr (Run.resolve: --lr x batch / lr_batch).
+    Weight decay on weight matrices and kernels only (the group marked "decay"), not on biases and norm parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    lr = args.lr * args.batch_size / args.lr_batch
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd, "decay": True},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "decay": False}]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9), lr
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=cuda_paths(params[0].device)), lr
+        return torch.optim.SGD(groups, lr=args.base_lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.base_lr, betas=betas, fused=cuda_paths(params[0].device))
+
+
+def set_schedule(opt, lr, wd=None):
+    """This step's learning rate for every group and, when given, its weight decay for the groups marked "decay"."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+        if wd is not None and group["decay"]:
+            group["weight_decay"] = wd
 
 
 def cosine(step, total, base, final=0.0, warmup=0):
-    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine from `base` to `final`."""
+    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine from `base` to `final` at step `total`."""
     if step < warmup:
         return base * step / warmup
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
 
 
+class Metrics:
+    """An epoch's per-step values, summed by name on the device (no host sync per step); `means()` is the epoch's one
+    host sync."""
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, **values):  # once per step: name=scalar tensor
+        self.steps += 1
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach()
+
+    def __getitem__(self, name):
+        return self.sums[name]
+
+    def means(self):
+        return dict(zip(self.sums, (torch.stack(list(self.sums.values())) / self.steps).tolist()))
+
+
+# ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
+@torch.no_grad()
+def extract_features(backbone, data, stats, device, batch_size=512):
+    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`."""
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    was, feats = backbone.training, []
+    backbone.eval()
+    for i in range(0, len(data.images), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
+            feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
+    backbone.train(was)
+    return torch.cat(feats), data.labels.to(device)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
+    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
+    -> (top1, top5) accuracy in percent."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    C, k = int(train_y.max()) + 1, min(k, len(train_f))
+    correct1 = correct5 = 0
+    for i in range(0, len(test_f), batch_size):
+        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), C, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
+        pred = votes.topk(min(5, C), dim=1).indices
+        y = test_y[i: i + batch_size, None]
+        correct1 += (pred[:, :1] == y).sum().item()
+        correct5 += (pred == y).any(1).sum().item()
+    return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
+
+
+def knn_monitor(backbone, memory, val, stats, device):
+    """kNN top-1 (k=20) of `val` against the labelled images of `memory`."""
+    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, stats, device) for d in (memory, val))
+    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
+
+
+# ######################################################################################################################
+# PART II: what keeps runs safe
+# ######################################################################################################################
+# ==== The run: its folder and lock, resolved values, checkpoints, log, interrupts =====================================
+class Run:
+    """This process's training run, the one object that holds its state: the device, the run folder (locked while the
+    run lives), the resolved values every checkpoint saves (`config`), the last checkpoint written (`saved`), the log
+    records (`log`), the epochs finished (`done`) and a signal that arrived while writing (`signal`). SIGINT and
+    SIGTERM call its `interrupted`. train() makes one first:
+
+        run = Run(args)        join torchrun's process group, pick the device, claim the folder, catch signals, seed
+        run.resolve(data)      fix the resolved values into args, print them once, keep them for the checkpoints
+        run.resume(model, opt) a resumed run's weights, optimiser and log; -> the epoch to start from
+        run.save(record, ...)  each epoch: last.pt, then its log line
+        run.finish()           release the folder, say how to evaluate and how to train on"""
+
+    def __init__(self, args):
+        self.args, self.config, self.lock, self.saved, self.signal, self.checkpoint = args, None, None, None, None, None
+        self.log, self.done, self.writing, self.pid = [], 0, False, os.getpid()
+        previous = signal.getsignal(signal.SIGTERM)
+        if isinstance(getattr(previous, "__self__", None), Run):  # a run this process made before (tests train twice)
+            previous.__self__.release()
+        self.device = init_device(args)
+        self.rank = world_rank()[1]
+        if self.rank == 0:
+            with writing(f"the run folder {args.out_dir or 'runs/'}"):
+                args.out_dir = self._claim()
+                for tmp in glob.glob(os.path.join(args.out_dir, "*.tmp")):  # left by a run killed while saving
+                    os.remove(tmp)
+            print(f"run folder: {args.out_dir}", file=sys.stderr)
+        if dist.is_initialized():  # every rank uses rank 0's folder
+            box = [args.out_dir]
+            dist.broadcast_object_list(box)
+            args.out_dir = box[0]
+        if args.resume:
+            self.checkpoint = load_checkpoint(args.resume)
+            if self.checkpoint["epoch"] >= args.epochs:  # nothing to train; mend a log cut by a kill after last.pt
+                restore_log(self.checkpoint, os.path.join(args.out_dir, "log.jsonl"))
+                print(f"{args.resume} has trained {self.checkpoint['epoch']} of --epochs {args.epochs}: nothing to do "
+                      f"(give a larger --epochs to train on)", file=sys.stderr)
+                self.release()
+                raise SystemExit(0)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.interrupted)
+        torch.manual_seed(args.seed)  # every random draw of the scripts comes from torch generators
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def _claim(self):
+        """Rank 0: the run folder, locked (flock) while this process lives. A default folder that holds a run or is
+        locked is passed over for -2, -3, ...; an explicit or resumed folder that is locked or holds another run is an
+        error."""
+        args = self.args
+        default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+        folders = [args.out_dir] if args.out_dir else itertools.chain(
+            [default], (f"{default}-{k}" for k in itertools.count(2)))
+        for d in folders:
+            os.makedirs(d, exist_ok=True)
+            self.lock = open(os.path.join(d, ".lock"), "w")
+            with contextlib.suppress(BlockingIOError):  # locked: a live run
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                resumed_here = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(d)
+                if resumed_here or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
+                    return d
+            self.release()
+            if args.out_dir:
+                die(f"--out-dir {d} holds another run, or a running process uses it: continue it with --resume (once "
+                    f"it has stopped), or choose a new --out-dir")
+
+    def release(self):
+        """Unlock the run folder (a finished run, or a run this process made before)."""
+        if self.lock:
+            self.lock.close()
+            self.lock = None
+
+    def resolve(self, data):
+        """Fix what the run resolved into args: the decode size and pixel statistics of `data`, the learning rate
+        after scaling (base_lr = --lr x batch / lr_batch), beside what parse and the method file resolved before
+        (out dir, recipe, crops). Printed once as one block; `config`, what every checkpoint saves, is this."""
+        args = self.args
+        args.image_size = data.images.shape[-1]
+        args.mean, args.std = data.stats[0].tolist(), data.stats[1].tolist()
+        args.base_lr = args.lr * args.batch_size / args.lr_batch
+        self.config, self.steps = dict(vars(args)), len(data.images) // args.batch_size
+        if self.rank == 0:
+            def show(v):
+                if isinstance(v, (list, tuple)):
+                    return ",".join(map(show, v))
+                return f"{v:.4g}" if isinstance(v, float) else str(v)
+            print(textwrap.fill(" ".join(f"{k}={show(v)}" for k, v in self.config.items()), 120,
+                                initial_indent="config: ", subsequent_indent="  "), file=sys.stderr)
+
+    def resume(self, model, opt):
+        """Load a resumed run's model and optimiser state and restore its log; -> the epoch to start from (0 for a new
+        run). A changed --epochs is said in one line: every schedule is recomputed over the new total."""
+        ck, self.checkpoint = self.checkpoint, None
+        if ck is None:
+            return 0
+        getattr(model, "module", model).load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        self.saved, self.done = (self.args.resume, ck["epoch"]), ck["epoch"]
+        self.log = restore_log(ck, os.path.join(self.args.out_dir, "log.jsonl"))
+        if self.rank == 0:
+            print(f"resumed from {self.args.resume} at epoch {ck['epoch']}", file=sys.stderr)
+        planned, epochs = ck["args"].get("epochs", self.args.epochs), self.args.epochs
+        if planned != epochs and self.rank == 0:
+            s, last = self.steps, (self.log[-1].get("lr") if self.log else None)
+            now = cosine(ck["epoch"] * s, epochs * s, self.args.base_lr, 0.0, self.args.warmup_epochs * s)
+            print(f"note: --epochs {epochs} for a run planned for {planned}: every schedule (learning rate, and the "
+                  f"method's own) is recomputed over {epochs} epochs, so the learning rate goes from "
+                  f"{last if last is None else f'{last:.3g}'} to about {now:.3g} (a warm restart, not the rest of one "
+                  f"decay)", file=sys.stderr)
+        return ck["epoch"]
+
+    def monitor_due(self, epoch):
+        """Whether rank 0 runs the kNN monitor after `epoch` (0-based): every --eval-every epochs and at the end."""
+        done, every = epoch + 1, self.args.eval_every
+        return self.rank == 0 and bool(every) and (done % every == 0 or done == self.args.epochs)
+
+    def save(self, record, model, backbone, opt):
+        """Rank 0: write last.pt (and every --save-every epochs epochNNNN.pt) holding the log records, then append the
+        epoch's record to log.jsonl: the log never runs ahead of the checkpoint, and a signal that arrives meanwhile
+        waits for both. record: {"epoch": epochs done, ...}."""
+        self.done = record["epoch"]
+        if self.rank != 0:
+            return
+        args, done = self.args, record["epoch"]
+        log, last = os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "last.pt")
+        state = {"args": self.config, "epoch": done, "backbone": backbone.state_dict(), "log": self.log + [record],
+                 "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
+        self.writing = True  # a signal now waits for the checkpoint and the log line
+        save_checkpoint(last, state)
+        self.saved, self.log = (last, done), state["log"]
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
+        with writing(log), open(log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writing = False
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if self.signal:
+            self._stop(self.signal, mid_epoch=False)
+
+    def finish(self):
+        """After the last epoch: release the folder (it holds a finished run, which no other run takes) and print the
+        commands that evaluate it and that train on."""
+        self.release()
+        if self.rank == 0:
+            script, ck = shlex.quote(sys.argv[0]), shlex.quote(os.path.join(self.args.out_dir, "last.pt"))
+            print(f"done: {self.args.out_dir}. Evaluate: python eval_linear.py --checkpoint {ck}  Train on: python "
+                  f"{script} --resume {ck} --epochs {2 * self.done} (a warm restart: the schedules start again over "
+                  f"the new total)", file=sys.stderr)
+
+    def interrupted(self, signum, frame=None):
+        """The SIGINT / SIGTERM handler. While a checkpoint and its log line are written the signal waits for them
+        (Run.save stops then); in a DataLoader worker it is left to the main process."""
+        self.signal = signum
+        if os.getpid() == self.pid and not self.writing:
+            self._stop(signum, mid_epoch=True)
+
+    def _stop(self, signum, mid_epoch):
+        """One line with the epoch reached, the last checkpoint and the command that continues it; exit 128 + signal."""
+        total, saved = self.args.epochs, self.saved
+        launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
+        if self.rank == 0:
+            where = f"in epoch {self.done + 1} of {total}" if mid_epoch else f"after epoch {self.done} of {total}"
+            print(f"\n{signal.Signals(signum).name}: stopped {where}; " + (
+                f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} "
+                f"{shlex.quote(sys.argv[0])} --resume {shlex.quote(saved[0])}" if saved else
+                "no epoch has finished: start it again"), file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+
+# ==== Checkpoint files, the log, the non-finite stop ==================================================================
 def check_finite(total, epoch, step=None, every=50):
     """Stop with one line once the running loss sum is not finite: every `every` steps of an epoch (one host sync
     each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
@@ -651,44 +932,6 @@ def check_finite(total, epoch, step=None, every=50):
         where = f" (within steps {step + 2 - every}-{step + 1})" if step is not None else ""
         die(f"the loss became {float(total)} in epoch {epoch + 1}{where}; stopping. Try a lower --lr, a longer "
             f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
-
-
-# ==== Run folder, checkpoints, log, interrupts ========================================================================
-RUN = {}  # this process's run: args, epoch, last checkpoint (path, epoch), log records, pending signal, lock file
-
-
-def _claim(args):
-    """Rank 0: the run folder, locked (flock) while this process lives. A default folder that holds a run or is locked
-    is passed over for -2, -3, ...; an explicit or resumed folder that is locked or holds another run is an error."""
-    if "lock" in RUN:
-        RUN.pop("lock").close()  # the previous run of this process (tests) has ended
-    default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    for d in [args.out_dir] if args.out_dir else [default] + [f"{default}-{k}" for k in range(2, 10**6)]:
-        os.makedirs(d, exist_ok=True)
-        RUN["lock"] = open(os.path.join(d, ".lock"), "w")
-        with contextlib.suppress(BlockingIOError):  # locked: a live run
-            fcntl.flock(RUN["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            resumed_here = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(d)
-            if resumed_here or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
-                return d
-        RUN.pop("lock").close()
-        if args.out_dir:
-            die(f"--out-dir {d} holds another run, or a running process uses it: continue it with --resume (once it "
-                f"has stopped), or choose a new --out-dir")
-
-
-def _interrupted(signum, frame=None):
-    """SIGINT / SIGTERM (or, while a checkpoint and its log line are written, right after them): one line with the
-    epoch reached, the last checkpoint and the command that continues it; exit status 128 + signal."""
-    RUN["signal"] = signum
-    if os.getpid() != RUN["pid"] or RUN["writing"]:  # a DataLoader worker (the main process stops), or writing
-        return
-    saved, launch = RUN["saved"], f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
-    if world_rank()[1] == 0:
-        print(f"\n{signal.Signals(signum).name}: stopped in epoch {RUN['epoch'] + 1} of {RUN['args'].epochs}; " + (
-            f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} {shlex.quote(sys.argv[0])} "
-            f"--resume {shlex.quote(saved[0])}" if saved else "no epoch has finished: start it again"), file=sys.stderr)
-    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -733,82 +976,3 @@ def restore_log(ck, log):
                 f.writelines(json.dumps(r) + "\n" for r in records)
             os.replace(f"{log}.tmp", log)
     return records
-
-
-def resume(args, model, opt):
-    """Load model + optimiser state (`parse` checked the flags) and restore the log; -> the epoch to start from."""
-    if not args.resume:
-        return 0
-    ck = load_checkpoint(args.resume)
-    getattr(model, "module", model).load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    RUN.update(saved=(args.resume, ck["epoch"]), epoch=ck["epoch"],
-               log=restore_log(ck, os.path.join(args.out_dir, "log.jsonl")))
-    print(f"resumed from {args.resume} at epoch {ck['epoch']}", file=sys.stderr)
-    return ck["epoch"]
-
-
-def end_epoch(args, epoch, model, backbone, opt, evaldata, device, record):
-    """Rank 0: kNN monitor (every --eval-every epochs and at the end), checkpoint, then the JSON log line (the log
-    never runs ahead of the checkpoint). evaldata = (memory, val, stats). A non-finite loss stops the run first."""
-    check_finite(record["loss"], epoch)
-    if world_rank()[1] != 0:
-        return
-    done = epoch + 1
-    if args.eval_every and (done % args.eval_every == 0 or done == args.epochs):
-        record["knn_top1"] = knn_monitor(backbone, *evaldata, device)
-    record, log, ck = {"epoch": done, **record}, *(os.path.join(args.out_dir, f) for f in ("log.jsonl", "last.pt"))
-    state = {"args": vars(args), "epoch": done, "backbone": backbone.state_dict(), "log": RUN["log"] + [record],
-             "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
-    RUN["writing"] = True  # a signal now waits for the checkpoint and the log line
-    save_checkpoint(ck, state)
-    RUN.update(saved=(ck, done), log=state["log"])
-    if args.save_every and done % args.save_every == 0:
-        save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
-    with writing(log), open(log, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    RUN["writing"] = False
-    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    if RUN["signal"]:
-        _interrupted(RUN["signal"])
-    if done == args.epochs:
-        RUN.pop("lock").close()  # the folder holds a finished run: no other run takes it
-        script, ck = shlex.quote(sys.argv[0]), shlex.quote(ck)
-        print(f"done: {args.out_dir}. Evaluate: python eval_linear.py --checkpoint {ck}  Train on: python {script} "
-              f"--resume {ck} --epochs {2 * done}", file=sys.stderr)
-
-
-# ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
-@torch.no_grad()
-def extract_features(backbone, data, stats, device, batch_size=512):
-    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`."""
-    was, feats, (mean, std) = backbone.training, [], (s.view(1, 3, 1, 1).to(device) for s in stats)
-    backbone.eval()
-    for i in range(0, len(data.images), batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
-            feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
-    backbone.train(was)
-    return torch.cat(feats), data.labels.to(device)
-
-
-@torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
-    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
-    -> (top1, top5) accuracy in percent."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    C, k, correct1, correct5 = int(train_y.max()) + 1, min(k, len(train_f)), 0, 0
-    for i in range(0, len(test_f), batch_size):
-        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(sim), C, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
-        pred = votes.topk(min(5, C), dim=1).indices
-        y = test_y[i: i + batch_size, None]
-        correct1 += (pred[:, :1] == y).sum().item()
-        correct5 += (pred == y).any(1).sum().item()
-    return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
-
-
-def knn_monitor(backbone, memory, val, stats, device):
-    """kNN top-1 (k=20) of `val` against the labelled images of `memory`."""
-    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, stats, device) for d in (memory, val))
-    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]

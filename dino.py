@@ -86,16 +86,16 @@ def get_args(argv=None):
     return args
 
 
-def resolve_crops(args):
+def resolve_crops(args, image_size):
     """Multi-crop only where a local crop (half the image side) still shows the object: from 64 px up."""
     if args.local_crops is None:
-        args.local_crops = 6 if args.image_size >= 64 else 0
+        args.local_crops = 6 if image_size >= 64 else 0
     if args.global_scale is None:
         args.global_scale = (0.4, 1.0) if args.local_crops else (0.08, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
-# The method. Copy with torch alone: DINOHead, sinkhorn, DINOLoss
+# The method. Copy with torch alone: DINOHead, sinkhorn, DINOLoss, ema_update, clip_gradients
 # ----------------------------------------------------------------------------------------------
 class DINOHead(nn.Module):
     """3-layer MLP (hidden 2048, [BN,] GELU) -> bottleneck 256 -> L2-normalise -> weight-normalised linear to K.
@@ -187,8 +187,17 @@ class DINOLoss(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, all parameters in one fused (foreach) call."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
+    """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s, 1 - momentum)
+
+
+@torch.no_grad()
+def clip_gradients(model, clip):
+    """Per-parameter clipping, as in the DINO code: each gradient with norm above `clip` is scaled to norm `clip`."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
 
 
 @torch.no_grad()
@@ -233,43 +242,47 @@ class DINO(nn.Module):
 # Training
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    device = common.setup(args)
-    images, memory, val, stats = common.load_data(args, device)
-    resolve_crops(args)
-    aug = common.MultiCrop(args.image_size, stats, args.global_crops, args.local_crops, args.global_scale, args.local_scale)
+    run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
+    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
+    resolve_crops(args, data.images.shape[-1])  # local crops from 64 px up
+    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    aug = common.MultiCrop(args.image_size, data.stats, args.global_crops, args.local_crops, args.global_scale,
+                           args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.to_device(DINO(backbone, feat_dim, args), device, args)
+    model = common.to_device(DINO(backbone, feat_dim, args), run.device, args)
     dino = getattr(model, "module", model)
-    opt, base_lr = common.optimizer(args, dino.student)
-    start = common.resume(args, model, opt)
-    steps = len(images) // args.batch_size
+    opt = common.optimizer(args, dino.student)
+    start = run.resume(model, opt)
+    steps = len(data.images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
-            step = epoch * steps + i
-            for group in opt.param_groups:
-                group["lr"] = common.cosine(step, args.epochs * steps, base_lr, args.min_lr, args.warmup_epochs * steps)
-            opt.param_groups[0]["weight_decay"] = common.cosine(step, args.epochs * steps, args.wd, args.wd_end)
+        g, metrics = common.aug_generator(args, run.device, epoch), common.Metrics()
+        for i, x in enumerate(common.batches(data.images, args.batch_size, epoch, args.seed)):
+            step, total = epoch * steps + i, args.epochs * steps
+            lr = common.cosine(step, total, args.base_lr, args.min_lr, args.warmup_epochs * steps)
+            common.set_schedule(opt, lr, wd=common.cosine(step, total, args.wd, args.wd_end))
             views = aug(x, g)
-            with common.autocast(args, device):
+            with common.autocast(args, run.device):
                 student_out, teacher_out = model(views)
             loss, p_t = dino.criterion(student_out, teacher_out, epoch)  # per-image mean: DDP's gradient mean is exact
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.clip_grad:  # per-parameter clipping, as in the DINO code
-                grads = [p.grad for p in dino.student.parameters() if p.grad is not None]
-                for grad, norm in zip(grads, torch._foreach_norm(grads)):
-                    grad.mul_((args.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+            if args.clip_grad:
+                clip_gradients(dino.student, args.clip_grad)
             if epoch < args.freeze_last_layer:  # the last layer stays at its init during the first epoch(s)
                 dino.student.head.v.grad = dino.student.head.g.grad = None
             opt.step()
-            ema_update(dino.teacher, dino.student,
-                       common.cosine(step, args.epochs * steps, args.momentum_teacher, args.momentum_teacher_end))
-            sums += torch.cat([loss.detach()[None], teacher_entropy(p_t)])  # on the device: no host sync per step
-            common.check_finite(sums[0], epoch, i)
-        m = (sums / steps).tolist()  # the one host sync of the epoch
-        common.end_epoch(args, epoch, model, dino.teacher.backbone, opt, (memory, val, stats), device,
-                         {"loss": m[0], "teacher_entropy": m[1], "kl_uniform": m[2], "lr": opt.param_groups[0]["lr"]})
+            ema_update(dino.teacher, dino.student, common.cosine(step, total, args.momentum_teacher,
+                                                                 args.momentum_teacher_end))
+            entropy, kl_uniform = teacher_entropy(p_t)
+            metrics.add(loss=loss, teacher_entropy=entropy, kl_uniform=kl_uniform)
+            common.check_finite(metrics["loss"], epoch, i)
+        record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
+        common.check_finite(record["loss"], epoch)
+        if run.monitor_due(epoch):
+            record["knn_top1"] = common.knn_monitor(dino.teacher.backbone, data.memory, data.val, data.stats,
+                                                    run.device)
+        run.save(record, model, dino.teacher.backbone, opt)  # last.pt, then the log line
+    run.finish()
 
 
 if __name__ == "__main__":

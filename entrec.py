@@ -252,33 +252,35 @@ class EntRec(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
-    """theta_t <- momentum * theta_t + (1 - momentum) * theta_o, all parameters in one fused (foreach) call."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - momentum)
+    """theta_t <- momentum * theta_t + (1 - momentum) * theta_o, parameter by parameter."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o, 1 - momentum)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    device = common.setup(args)
-    images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(args.image_size, stats, 2, args.local_crops or 0, args.global_scale, args.local_scale)
+    run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
+    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
+    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    aug = common.MultiCrop(args.image_size, data.stats, 2, args.local_crops or 0, args.global_scale, args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.to_device(EntRec(backbone, feat_dim, args), device, args)
+    model = common.to_device(EntRec(backbone, feat_dim, args), run.device, args)
     net = getattr(model, "module", model)
-    opt, base_lr = common.optimizer(args, model)
-    start = common.resume(args, model, opt)
-    steps = len(images) // args.batch_size
+    opt = common.optimizer(args, model)
+    start = run.resume(model, opt)
+    steps = len(data.images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
+        g, metrics = common.aug_generator(args, run.device, epoch), common.Metrics()
         tau_t = None if args.variant != "dino" else teacher_temp(  # the dino variant's teacher temperature
             epoch, args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
+        for i, x in enumerate(common.batches(data.images, args.batch_size, epoch, args.seed)):
             step = epoch * steps + i
-            for group in opt.param_groups:
-                group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
+            lr = common.cosine(step, args.epochs * steps, args.base_lr, 0.0, args.warmup_epochs * steps)
+            common.set_schedule(opt, lr)
             views = aug(x, g)
-            with common.autocast(args, device):
+            with common.autocast(args, run.device):
                 z, t, pred = model(views)
             z, t, pred = (None if v is None else common.gather(v, dim=1) for v in (z, t, pred))  # whole batch
             loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
@@ -288,11 +290,15 @@ def train(args):
             opt.step()
             if net.target is not None:
                 ema_update(net.target, net.online, common.cosine(step, args.epochs * steps, args.ema, 1.0))
-            sums += torch.stack([loss, ent, rec]).detach()  # on the device: no host sync per step
-            common.check_finite(sums[0], epoch, i)
-        m = (sums / steps).tolist()  # the one host sync of the epoch
-        common.end_epoch(args, epoch, model, net.online.backbone, opt, (memory, val, stats), device,
-                         {"loss": m[0], "entropy": m[1], "reconstruction": m[2], "lr": opt.param_groups[0]["lr"]})
+            metrics.add(loss=loss, entropy=ent, reconstruction=rec)
+            common.check_finite(metrics["loss"], epoch, i)
+        record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
+        common.check_finite(record["loss"], epoch)
+        if run.monitor_due(epoch):
+            record["knn_top1"] = common.knn_monitor(net.online.backbone, data.memory, data.val, data.stats,
+                                                    run.device)
+        run.save(record, model, net.online.backbone, opt)  # last.pt, then the log line
+    run.finish()
 
 
 if __name__ == "__main__":

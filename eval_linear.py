@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -203,12 +204,7 @@ def main(args):
     if args.export:  # the backbone is a torchvision model (CIFAR stem at <= 64 px) without its classifier
         common.save_checkpoint(args.export, ck["backbone"])
         return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    except RuntimeError:
-        common.die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        common.die(f"--device {args.device} asked for, but no CUDA device is visible")
+    device = common.pick_device(args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
               skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
@@ -263,4 +259,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except KeyboardInterrupt:  # Ctrl-C during feature extraction or the probe: one line, as training stops
+        print("\nSIGINT: evaluation stopped before its results were written (they are written at the end)",
+              file=sys.stderr)
+        raise SystemExit(130) from None

@@ -225,37 +225,40 @@ def save_recon(model, imgs, args, stats, path, n=8):
 # Training
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    device = common.setup(args)
-    images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(args.image_size, stats, 1, 0, args.global_scale, color=False)
+    run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
+    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
+    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    aug = common.MultiCrop(args.image_size, data.stats, 1, 0, args.global_scale, color=False)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width, args.pool, args.patch_size)
-    model = common.to_device(MAE(backbone, feat_dim, args), device, args)
+    model = common.to_device(MAE(backbone, feat_dim, args), run.device, args)
     mae = getattr(model, "module", model)
-    opt, base_lr = common.optimizer(args, model, betas=(0.9, 0.95))
-    start = common.resume(args, model, opt)
-    steps = len(images) // args.batch_size
+    opt = common.optimizer(args, model, betas=(0.9, 0.95))
+    start = run.resume(model, opt)
+    steps = len(data.images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(3, device=device)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
+        g, metrics = common.aug_generator(args, run.device, epoch), common.Metrics()
+        for i, x in enumerate(common.batches(data.images, args.batch_size, epoch, args.seed)):
             step = epoch * steps + i
-            for group in opt.param_groups:
-                group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
+            lr = common.cosine(step, args.epochs * steps, args.base_lr, 0.0, args.warmup_epochs * steps)
+            common.set_schedule(opt, lr)
             imgs = aug(x, g)[0]
-            with common.autocast(args, device):
+            with common.autocast(args, run.device):
                 pred, mask, z = model(imgs, args.mask_ratio, g)
             l_mae = mae_loss(pred, patchify(imgs, mae.patch), mask, args.norm_pix_loss)  # this rank's images
             loss, reg = mmae_loss(l_mae, common.gather(z), args.lam, args.mu, args.reg)  # TCR of the whole batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.stack([loss, l_mae, reg]).detach()  # on the device: no host sync per step
-            common.check_finite(sums[0], epoch, i)
-        m = (sums / steps).tolist() + [uncentred_effective_rank(z)]  # one host sync; the epoch's last batch
-        if args.save_recon and common.world_rank()[1] == 0:
-            save_recon(mae, imgs, args, stats, os.path.join(args.out_dir, f"recon_{epoch + 1:04d}.png"))
-        common.end_epoch(args, epoch, model, backbone, opt, (memory, val, stats), device,
-                         {"loss": m[0], "recon": m[1], args.reg: m[2], "effective_rank": m[3],
-                          "lr": opt.param_groups[0]["lr"]})
+            metrics.add(loss=loss, recon=l_mae, **{args.reg: reg})
+            common.check_finite(metrics["loss"], epoch, i)
+        record = {"epoch": epoch + 1, **metrics.means(), "effective_rank": uncentred_effective_rank(z), "lr": lr}
+        common.check_finite(record["loss"], epoch)  # effective rank: of the epoch's last batch
+        if args.save_recon and run.rank == 0:
+            save_recon(mae, imgs, args, data.stats, os.path.join(args.out_dir, f"recon_{epoch + 1:04d}.png"))
+        if run.monitor_due(epoch):
+            record["knn_top1"] = common.knn_monitor(backbone, data.memory, data.val, data.stats, run.device)
+        run.save(record, model, backbone, opt)  # last.pt, then the log line
+    run.finish()
 
 
 if __name__ == "__main__":

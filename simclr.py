@@ -71,32 +71,36 @@ class SimCLR(nn.Module):
 # Training
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    device = common.setup(args)
-    images, memory, val, stats = common.load_data(args, device)
-    aug = common.MultiCrop(args.image_size, stats, 2, 0, args.global_scale)
+    run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
+    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
+    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    aug = common.MultiCrop(args.image_size, data.stats, 2, 0, args.global_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
-    model = common.to_device(SimCLR(backbone, feat_dim, args), device, args)
-    opt, base_lr = common.optimizer(args, model)
-    start = common.resume(args, model, opt)
-    steps = len(images) // args.batch_size
+    model = common.to_device(SimCLR(backbone, feat_dim, args), run.device, args)
+    opt = common.optimizer(args, model)
+    start = run.resume(model, opt)
+    steps = len(data.images) // args.batch_size
     for epoch in range(start, args.epochs):
-        g, sums = common.aug_generator(args, device, epoch), torch.zeros(1, device=device)
-        for i, x in enumerate(common.batches(images, args.batch_size, epoch, args.seed)):
+        g, metrics = common.aug_generator(args, run.device, epoch), common.Metrics()
+        for i, x in enumerate(common.batches(data.images, args.batch_size, epoch, args.seed)):
             step = epoch * steps + i
-            for group in opt.param_groups:
-                group["lr"] = common.cosine(step, args.epochs * steps, base_lr, 0.0, args.warmup_epochs * steps)
+            lr = common.cosine(step, args.epochs * steps, args.base_lr, 0.0, args.warmup_epochs * steps)
+            common.set_schedule(opt, lr)
             views = aug(x, g)
-            with common.autocast(args, device):
+            with common.autocast(args, run.device):
                 z1, z2 = model(views)
             loss = nt_xent(common.gather(z1), common.gather(z2), args.temperature)  # negatives from every rank
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += loss.detach()  # summed on the device: no host sync per step
-            common.check_finite(sums[0], epoch, i)
-        m = (sums / steps).tolist()  # the one host sync of the epoch
-        common.end_epoch(args, epoch, model, backbone, opt, (memory, val, stats), device,
-                         {"loss": m[0], "lr": opt.param_groups[0]["lr"]})
+            metrics.add(loss=loss)
+            common.check_finite(metrics["loss"], epoch, i)
+        record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
+        common.check_finite(record["loss"], epoch)
+        if run.monitor_due(epoch):
+            record["knn_top1"] = common.knn_monitor(backbone, data.memory, data.val, data.stats, run.device)
+        run.save(record, model, backbone, opt)  # last.pt, then the log line
+    run.finish()
 
 
 if __name__ == "__main__":

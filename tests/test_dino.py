@@ -116,12 +116,10 @@ def test_local_crops_follow_the_image_size():
     from dino import resolve_crops
     for size, expected in ((32, (0, (0.08, 1.0))), (64, (6, (0.4, 1.0))), (96, (6, (0.4, 1.0)))):
         a = get_args(["--dataset", "synthetic", "--out-dir", "/tmp/unused"])
-        a.image_size = size
-        resolve_crops(a)
+        resolve_crops(a, size)
         assert (a.local_crops, tuple(a.global_scale)) == expected
     a = get_args(["--dataset", "synthetic", "--local-crops", "2", "--out-dir", "/tmp/unused"])
-    a.image_size = 32
-    resolve_crops(a)
+    resolve_crops(a, 32)
     assert (a.local_crops, tuple(a.global_scale)) == (2, (0.4, 1.0))
 
 

@@ -56,7 +56,7 @@ def test_resume_refuses_a_different_run_and_says_when_nothing_is_left(tmp_path, 
     with pytest.raises(SystemExit, match="a simclr checkpoint, not hydes"):
         hydes.get_args(["--resume", os.path.join(out, "last.pt")])
     with pytest.raises(SystemExit) as e:  # --epochs not above the epochs done: said, exit 0
-        simclr.get_args(SIMCLR_TINY + ["--out-dir", out, "--resume"])
+        simclr.train(simclr.get_args(SIMCLR_TINY + ["--out-dir", out, "--resume"]))
     assert e.value.code == 0 and "nothing to do" in capsys.readouterr().err
 
 

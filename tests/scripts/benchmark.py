@@ -94,7 +94,7 @@ def build(name, margs, device):
 
 def method_step(name, margs, device, x, aug, amp, steps, compile=False):
     model, loss_fn, backbone = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
     if compile:  # as --compile does; the warm-up steps below include the compilation
         model.compile()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -144,7 +144,7 @@ def ours_end_to_end(name, margs, device, images, batch, amp, steps):
     """Seconds per step of this project's loop: uint8 batch on the device -> batched crops -> step."""
     mod, n_global, n_local, scale = METHODS[name]
     model, loss_fn, _ = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     aug = common.MultiCrop(32, (torch.full((3,), 0.5), torch.full((3,), 0.25)), n_global, n_local, scale)
     g = torch.Generator(device=device).manual_seed(0)
@@ -187,7 +187,7 @@ def lightly_end_to_end(name, args, device, images, amp, steps):
         deactivate_requires_grad(teacher)
         criterion = DINOLoss(output_dim=4096)
         teacher.to(device)
-    model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]  # decoded once: the peer's best case
 

@@ -100,7 +100,7 @@ def agreement(device, toy):
         margs = mod.get_args(["--arch", arch, "--width", str(width), "--dataset", "synthetic", "--out-dir", "/tmp/gc"]
                              + (["--local-crops", "6"] if name == "dino" else []))
         model, loss_fn, _ = benchmark.build(name, margs, device)
-        model.to(device, memory_format=torch.channels_last if common.cuda_paths(device) else torch.preserve_format)
+        model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
         aug = common.MultiCrop(32, stats, n_global, n_local, scale, color=name != "mmae")
         views = aug(x, torch.Generator(device=device).manual_seed(0))
         start, res = copy.deepcopy(model.state_dict()), {}

@@ -106,10 +106,10 @@ def monitor_knn(ck, args):
     saved = torch.load(ck, map_location="cpu", weights_only=True)
     run = argparse.Namespace(**saved["args"], download=False, skip_bad_images=False, num_train=args.num_train or None,
                              mean=None)
-    _, memory, val, stats = common.load_data(run, torch.device("cpu"))
+    data = common.load_data(run, torch.device("cpu"))
     backbone, _ = common.build_backbone(saved["args"]["arch"], args.image_size, args.width)
     backbone.load_state_dict(saved["backbone"])
-    return common.knn_monitor(backbone, memory, val, stats, torch.device("cpu"))
+    return common.knn_monitor(backbone, data.memory, data.val, data.stats, torch.device("cpu"))
 
 
 def read_json(path):
