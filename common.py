@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.transforms.v2.functional import rgb_to_grayscale
 from tqdm import tqdm
 
 IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
@@ -426,19 +425,28 @@ def random_resized_crop(x, size, scale, g, ratio=(3 / 4, 4 / 3), flip=True):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _gray(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+def gray(x):
+    """Luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601), (B, 3, H, W) -> (B, 1, H, W): PIL's convert("L"), which the
+    official SimCLR and DINO pipelines apply through PIL. torchvision's tensor rgb_to_grayscale weighs R 0.2989 (its
+    weights sum to 0.9999, so a grey pixel is not left as it is): not taken, so that a grey image stays grey."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def color_jitter(x, g, b=0.4, c=0.4, s=0.2, h=0.1):
-    """Brightness, contrast, saturation, hue with per-sample factors (fixed order). x in [0, 1]."""
+    """torchvision's ColorJitter(b, c, s, h) in its fixed order (brightness, contrast, saturation, hue) with a factor
+    per sample: each sample's result is adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x)))) of
+    torchvision.transforms.v2.functional at that sample's factors, up to the grey weights of `gray` (tested).
+    x float (B, 3, H, W) in [0, 1]."""
     B, dev = x.shape[0], x.device
     x = (x * _u((B, 1, 1, 1), 1 - b, 1 + b, g, dev)).clamp(0, 1)
-    m = _gray(x).mean((1, 2, 3), keepdim=True)
+    m = gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean grey level
     x = ((x - m) * _u((B, 1, 1, 1), 1 - c, 1 + c, g, dev) + m).clamp(0, 1)
-    gr = _gray(x)
+    gr = gray(x)  # saturation: blend with the grey image
     x = ((x - gr) * _u((B, 1, 1, 1), 1 - s, 1 + s, g, dev) + gr).clamp(0, 1)
-    # hue: RGB -> HSV, rotate H, back to RGB
+    # Hue: RGB -> HSV (value v = max, chroma delta = max - min, hue from the sector of the largest channel), shift H
+    # by the factor (mod 1), back to RGB by the closed form channel_n = v (1 - sat clamp(min(k, 4 - k), 0, 1)) with
+    # k = (n + 6 H) mod 6 and n = 5, 3, 1 for R, G, B ("HSV to RGB, alternative", Wikipedia's HSL and HSV article;
+    # the same map as torchvision's _hsv_to_rgb, written without its per-sector lookup).
     v, arg = x.max(1)
     delta = v - x.min(1).values
     r, gg, bb = x.unbind(1)
@@ -483,12 +491,12 @@ class MultiCrop:
         v = random_resized_crop(x, size, scale, g).clamp(0, 1)
         if self.color:
             v = torch.where(coin(0.8), color_jitter(v, g), v)
-            v = torch.where(coin(0.2), _gray(v).expand_as(v), v)
+            v = torch.where(coin(0.2), gray(v).expand_as(v), v)
             if self.big:
                 v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
                 v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
         v = (v - self.mean.to(dev)) / self.std.to(dev)
-        return v.contiguous(memory_format=torch.channels_last) if channels_last(dev) else v
+        return v.contiguous(memory_format=torch.channels_last) if cuda_paths(dev) else v  # the GPU's conv layout
 
     def __call__(self, x, g):
         """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
@@ -581,15 +589,17 @@ CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True
 
 
 def cuda_paths(device):
-    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, fused AdamW), decided here
-    alone so that a test runs them all on the CPU. The CPU stays fp32 and per crop: CPU bf16 is ~20x slower."""
+    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, channels-last crops and model,
+    fused AdamW), decided here alone so that a test runs them all on the CPU. The CPU stays fp32 and per crop: CPU
+    bf16 is ~20x slower."""
     return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
 
 
-def channels_last(device):
-    """Whether convolutions run channels-last: on the CUDA paths (tensor cores), not on the CPU, where oneDNN's
-    channels-last backward crashes ResNets of widths 4 and 8 (README: Devices, for the width x size table)."""
-    return cuda_paths(device)
+def channels_last(device, args):
+    """Whether the model runs channels-last (NHWC): on the CUDA paths (tensor cores), and on the CPU for ResNets of
+    width >= 16, where oneDNN's channels-last step was 1.1-1.9x faster at 32-128 px; not below, where its backward
+    crashed the process at widths 4 and 8 on 64 px images (README, Devices: the width x size table)."""
+    return cuda_paths(device) or (args.arch.startswith("resnet") and args.width >= 16)
 
 
 def autocast(args, device):
@@ -656,9 +666,11 @@ def aug_generator(args, device, epoch):
 
 
 def to_device(model, device, args):
-    """Move to `device` (channels-last where `channels_last` says), compile in place with --compile (state_dict keys
-    unchanged), and under torchrun wrap in DistributedDataParallel."""
-    model = model.to(device, memory_format=torch.channels_last if channels_last(device) else torch.preserve_format)
+    """Move to `device` (channels-last where `channels_last` says; the first convolution then takes its input to that
+    layout), compile in place with --compile (state_dict keys unchanged), and under torchrun wrap in
+    DistributedDataParallel."""
+    layout = torch.channels_last if channels_last(device, args) else torch.preserve_format
+    model = model.to(device, memory_format=layout)
     if args.compile:
         model.compile()
     if not dist.is_initialized():

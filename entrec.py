@@ -55,7 +55,8 @@ def get_args(argv=None):
       "entropy and the reconstruction (paper: 10)")
     a("--entropy-estimator", choices=("average", "expectation"), help="simclr/byol: mean of -log p_i (average), or "
       "weighted by softmax_i(log p_i) (expectation); dino: only expectation, -sum_k pbar_k log pbar_k" + V)
-    a("--ema", type=common.number(float, 0, 1, open_hi=True), help="byol/dino: target EMA start, cosine to 1 (BYOL: 0.99; 0: the online net "
+    a("--ema", type=common.number(float, 0, 1, open_hi=True),
+      help="byol/dino: target EMA start, cosine to 1 (BYOL: 0.99; 0: the online net "
       "with stop-gradient). The target averages over ~1/(1-m) steps")
     a("--proj-hidden", type=common.COUNT, help="projector / predictor hidden width (BYOL: 4096; DINO head: 2048)")
     a("--proj-dim", type=common.number(int, 2), default=256, help="projection dimension (BYOL: 256); dino: the "

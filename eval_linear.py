@@ -35,8 +35,10 @@ def get_args(argv=None):
     p.add_argument("--dataset", default=None, choices=common.DATASETS, help="default: the pretraining dataset")
     p.add_argument("--data-dir", default=None, help="default: the pretraining --data-dir")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
-    p.add_argument("--pool", default=None, choices=("cls", "mean"), help="ViT features: CLS token or mean of patch tokens")
-    p.add_argument("--probe-epochs", type=common.COUNT, default=100, help="linear-probe epochs over the frozen features")
+    p.add_argument("--pool", default=None, choices=("cls", "mean"),
+                   help="ViT features: CLS token or mean of patch tokens")
+    p.add_argument("--probe-epochs", type=common.COUNT, default=100,
+                   help="linear-probe epochs over the frozen features")
     p.add_argument("--probe-lr", type=common.POSITIVE, default=0.1, help="linear-probe SGD learning rate (batch 256)")
     p.add_argument("--probe-wd", type=common.NONNEG, default=0.0, help="linear-probe weight decay")
     p.add_argument("--limit", type=common.COUNT, default=None,
@@ -213,7 +215,8 @@ def main(args):
     memory = common.subset(common.Split(memory.images[labelled], memory.labels[labelled]), args.limit)
     val = common.subset(val, args.limit)
     size = memory.images.shape[-1]
-    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get("pool", "cls"),
+    pool = args.pool or saved.get("pool", "cls")
+    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), pool,
                                         saved.get("patch_size"))
     try:
         backbone.load_state_dict(ck["backbone"])

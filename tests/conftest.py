@@ -6,6 +6,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# real photographs (10 Tiny-ImageNet classes) for the learning tests; SSL_SHARED_DATA: the folder holding the zip
+REAL_IMAGES = os.path.join(os.environ.get("SSL_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")),
+                           "tin10-64.zip")
 
 # a CPU-sized run: 256 synthetic images, ResNet-18 at width 8, small projector, one epoch
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "8", "--num-train", "256", "--batch-size", "64",
@@ -41,6 +44,20 @@ def call(script, *args):
     except SystemExit as e:
         if e.code not in (0, None):
             raise AssertionError(f"{script} {' '.join(argv)} stopped: {e.code}") from None
+
+
+def one_line_error(script, argv, capsys):
+    """A script's get_args + train (eval_linear: main) in this process must stop with a one-line message and a
+    non-zero exit (a SystemExit, which Python prints as that line alone, not another exception with a traceback);
+    -> the message."""
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        (mod.main if script == "eval_linear.py" else mod.train)(mod.get_args([str(a) for a in argv]))
+    assert e.value.code not in (0, None)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in msg.strip(), msg
+    return msg
 
 
 def arg_error(module, argv, capsys):

@@ -71,6 +71,34 @@ def test_color_jitter_identity_and_grey_stays_grey():
     assert torch.allclose(y.amax(1), torch.ones(50, 1, 1)) and torch.allclose(y.amin(1), torch.zeros(50, 1, 1))
 
 
+def test_gray_is_pils_luma():
+    # PIL's convert("L") is L = R 299/1000 + G 587/1000 + B 114/1000 rounded to an integer (in 16-bit fixed point):
+    # gray() of the same uint8 pixels, times 255 and rounded, gives the same 256 values
+    import numpy as np
+    from PIL import Image
+    x = torch.randint(0, 256, (1, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pil = torch.from_numpy(np.array(Image.fromarray(x[0].permute(1, 2, 0).numpy()).convert("L")))
+    assert torch.equal((common.gray(x.float() / 255)[0, 0] * 255).round().to(torch.uint8), pil)
+
+
+def test_color_jitter_is_torchvisions_per_sample():
+    # The batched jitter draws its four factors per sample from the generator, in this order, as U(1-b, 1+b),
+    # U(1-c, 1+c), U(1-s, 1+s), U(-h, h); applied one sample at a time, torchvision's functional ops with those factors
+    # must give the same image (the ops of torchvision's ColorJitter, fixed order), up to their grey weights: R 0.2989
+    # there, 0.299 here (PIL's), so a grey level differs by 1e-4 R and each of the two blends with it (contrast, factor
+    # c in [0.6, 1.4]; saturation, s in [0.8, 1.2]) by at most 1e-4 |1 - factor| <= 0.4e-4: 1e-4 covers both
+    from torchvision.transforms.v2 import functional as TF
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = common.color_jitter(x, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    bf, cf, sf = (torch.rand(16, generator=g) * 2 * r + 1 - r for r in (0.4, 0.4, 0.2))
+    hf = torch.rand(16, generator=g) * 0.2 - 0.1
+    for i in range(16):
+        ref = TF.adjust_brightness(x[i], bf[i].item())
+        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(ref, cf[i].item()), sf[i].item()), hf[i].item())
+        assert torch.allclose(y[i], ref, atol=1e-4), (i, (y[i] - ref).abs().max())
+
+
 def test_knn_vote_weighting():
     # train: e0 = [1, 0] (class 0), [0.8, 0.6] and [0.6, 0.8] (class 1); query [1, 0]; k = 3.
     # T = 0.1: class 0 gets e^10, class 1 gets e^8 + e^6 < e^10 -> predicts 0.

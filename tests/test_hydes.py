@@ -1,11 +1,12 @@
 """HyDeS closed forms. Every expected number is derived by hand in the comment above its check."""
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from conftest import TINY, arg_error, call, log_vmf_normalizer_by_quadrature
+from conftest import REAL_IMAGES, TINY, arg_error, call, log_vmf_normalizer_by_quadrature
 from hydes import hydes_loss, log_vmf_normalizer
 
 
@@ -152,6 +153,8 @@ def test_bad_input(tmp_path, extra, words, capsys):
     assert all(w in msg for w in words), msg
 
 
+@pytest.mark.skipif(os.path.isfile(REAL_IMAGES), reason="HyDeS learning is tested on real images "
+                    "(test_real_images.py); this synthetic run stands in for it where they are absent")
 def test_hydes_learns_on_synthetic(tmp_path):
     # A short CPU run (ResNet-18 width 8, 2 crops, kappa = 10 for a sharper kernel than the paper's 1, 4 epochs of the
     # 5000 synthetic images, ~50 s; real photographs: test_real_images.py). Measured when written: random init 25.6%

@@ -11,10 +11,9 @@ import zipfile
 import pytest
 
 import common
-from conftest import ROOT, call, random_init_knn
+from conftest import REAL_IMAGES as ZIP
+from conftest import call, random_init_knn
 
-DATA = os.environ.get("SSL_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
-ZIP = os.path.join(DATA, "tin10-64.zip")
 needs_data = pytest.mark.skipif(not os.path.isfile(ZIP), reason=f"real images not found: {ZIP} (set SSL_SHARED_DATA)")
 
 # 10 Tiny-ImageNet classes, decoded at 32 px; a fixed random 2000 of the 5000 training images; all 500 val images

@@ -160,6 +160,21 @@ def test_sigint_before_the_first_epoch_says_there_is_nothing_to_continue(tmp_pat
     assert err.strip().splitlines()[-1] == "SIGINT: stopped in epoch 1 of 2; no epoch has finished: start it again"
 
 
+def test_ctrl_c_in_the_evaluation_is_one_line(tmp_path):
+    simclr.train(simclr.get_args(FAST + ["--out-dir", str(tmp_path / "run")]))
+    p = start("--checkpoint", tmp_path / "run" / "last.pt", "--probe-epochs", "100000", "--device", "cpu",
+              code=f"import runpy, sys; sys.path.insert(0, {ROOT!r}); sys.argv[0] = 'eval_linear.py'; "
+                   f"runpy.run_path({os.path.join(ROOT, 'eval_linear.py')!r}, run_name='__main__')")
+    deadline = time.time() + 120
+    while time.time() < deadline and "linear probe" not in p.err():  # the probe's progress bar has started
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 130
+    assert "Traceback" not in p.err() and "KeyboardInterrupt" not in p.err(), p.err()
+    assert p.err().strip().splitlines()[-1].startswith("SIGINT: evaluation stopped before its results were written")
+    assert not (tmp_path / "run" / "last.eval.json").exists()
+
+
 def test_a_signal_while_writing_waits_for_the_checkpoint_and_log_line(tmp_path, monkeypatch):
     save = common.save_checkpoint
 

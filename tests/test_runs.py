@@ -14,7 +14,7 @@ import eval_linear
 import hydes
 import mmae
 import simclr
-from conftest import TINY, call, run
+from conftest import TINY, call, one_line_error, run
 
 SIMCLR_TINY = TINY + ["--proj-hidden", "32", "--proj-dim", "16", "--num-train", "128", "--eval-every", "0"]
 
@@ -60,6 +60,31 @@ def test_resume_refuses_a_different_run_and_says_when_nothing_is_left(tmp_path, 
     assert e.value.code == 0 and "nothing to do" in capsys.readouterr().err
 
 
+def test_a_longer_resume_says_the_schedules_restart(tmp_path, capsys):
+    # SIMCLR_TINY: 128 images, batch 64 -> 2 steps an epoch, no warm-up, base lr 0.3 x 64 / 256 = 0.075. One epoch
+    # ends at step 1 of 2: 0.075 (1 + cos(pi / 2)) / 2 = 0.0375. Resumed with --epochs 4, its next step is 2 of 8:
+    # 0.075 (1 + cos(pi / 4)) / 2 = 0.0640: the cosine starts again over the new total, and the run says so.
+    out = str(tmp_path / "run")
+    call("simclr.py", *SIMCLR_TINY, "--out-dir", out)
+    capsys.readouterr()
+    call("simclr.py", *SIMCLR_TINY, "--out-dir", out, "--resume", "--epochs", "4")
+    err = capsys.readouterr().err
+    note = next(line for line in err.splitlines() if line.startswith("note: --epochs 4 for a run planned for 1"))
+    assert "from 0.0375 to about 0.064 (a warm restart" in note, note
+    assert "--epochs 8 (a warm restart" in err.strip().splitlines()[-1]  # the "train on" hint of the finished run
+
+
+def test_images_of_one_colour_are_one_line_before_training(tmp_path, capsys):
+    # every pixel of every image the same colour (R 200, G 0, B 50): the pixel standard deviation is 0 in all three
+    # channels, so normalising would divide by 0; the data step says so instead of a nan loss later
+    for split in ("train", "val"):
+        for i in range(4):
+            save(str(tmp_path / split / "a" / f"{i}.png"), np.full((8, 8, 3), (200, 0, 50), np.uint8))
+    msg = one_line_error("simclr.py", SIMCLR_TINY + ["--dataset", "folder", "--data-dir", tmp_path, "--batch-size",
+                                                     "2", "--out-dir", tmp_path / "run"], capsys)
+    assert "pixel standard deviation of 0 in channel R/G/B" in msg, msg
+
+
 def test_killed_between_checkpoint_and_log_resumes_without_a_duplicate_line(tmp_path):
     out = tmp_path / "run"
     call("simclr.py", *SIMCLR_TINY, "--epochs", "2", "--out-dir", out, "--save-every", "1")
@@ -83,12 +108,13 @@ def test_io_errors_are_one_line_and_leave_no_temp_file(tmp_path, monkeypatch):
     assert p.returncode != 0 and "Traceback" not in p.stderr and "cannot write the run folder" in p.stderr, p.stderr
 
 
-def test_every_method_stops_on_a_non_finite_loss(tmp_path):
+def test_every_method_stops_on_a_non_finite_loss(tmp_path, capsys):
     # lr 1e30 diverges within an epoch; M-MAE's log-det included: one line, no checkpoint written
-    for script, extra in (("simclr.py", SIMCLR_TINY), ("mmae.py", [a.replace("resnet18", "vit_tiny") for a in TINY]
-                                                        + ["--decoder-depth", "1", "--decoder-dim", "32", "--num-train", "128", "--eval-every", "0"])):
-        p = run(script, *extra, "--lr", "1e30", "--out-dir", tmp_path / script, check=False)
-        assert p.returncode != 0 and "Traceback" not in p.stderr and "the loss became" in p.stderr, p.stderr
+    mmae_tiny = [a.replace("resnet18", "vit_tiny") for a in TINY] + ["--decoder-depth", "1", "--decoder-dim", "32",
+                                                                   "--num-train", "128", "--eval-every", "0"]
+    for script, extra in (("simclr.py", SIMCLR_TINY), ("mmae.py", mmae_tiny)):
+        msg = one_line_error(script, extra + ["--lr", "1e30", "--out-dir", tmp_path / script], capsys)
+        assert "the loss became" in msg, msg
         assert not (tmp_path / script / "last.pt").exists()
 
 

@@ -13,6 +13,7 @@ one forward per view) against this project's end-to-end step (batched augmentati
 on the same backbone, batch and device. lightly is a benchmark-only dependency, never in requirements.txt.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -92,9 +93,32 @@ def build(name, margs, device):
     return model, loss_of, backbone
 
 
+def reset_peak(device):
+    """Start a new peak: CUDA's allocator statistics, or on the CPU the process's peak resident set (VmHWM), which
+    Linux resets when "5" is written to /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_gib(device):
+    """GiB at the peak since reset_peak: memory allocated on the GPU, or the whole process's resident set on the
+    CPU (model, optimiser, activations, data and the Python process itself)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return float("nan")
+
+
 def method_step(name, margs, device, x, aug, amp, steps, compile=False):
     model, loss_fn, backbone = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
+    layout = torch.channels_last if common.channels_last(device, margs) else torch.preserve_format
+    model.to(device, memory_format=layout)
     if compile:  # as --compile does; the warm-up steps below include the compilation
         model.compile()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -122,10 +146,9 @@ def method_step(name, margs, device, x, aug, amp, steps, compile=False):
         with ctx():
             lamp = loss_fn(views).item()
     model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     t_step = timed(step, device, steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = peak_gib(device)
     t_bare = timed(bare, device, steps)
     t_aug = timed(lambda: aug(x, g), device, steps)
     n = x.shape[0]
@@ -136,7 +159,7 @@ def method_step(name, margs, device, x, aug, amp, steps, compile=False):
     print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}{' compiled' if compile else ''}: step "
           f"{n / t_step:7.0f} img/s "
           f"(with aug {n / (t_step + t_aug):7.0f}), bare backbone {n / t_bare:7.0f} img/s, overhead "
-          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB, loss fp32 {l32:.5f} / amp {lamp:.5f}, "
+          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB{' RSS' if device.type != 'cuda' else ''}, loss fp32 {l32:.5f} / amp {lamp:.5f}, "
           f"{tflops:.1f} TFLOP/s", flush=True)
 
 
@@ -144,7 +167,8 @@ def ours_end_to_end(name, margs, device, images, batch, amp, steps):
     """Seconds per step of this project's loop: uint8 batch on the device -> batched crops -> step."""
     mod, n_global, n_local, scale = METHODS[name]
     model, loss_fn, _ = build(name, margs, device)
-    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
+    layout = torch.channels_last if common.channels_last(device, margs) else torch.preserve_format
+    model.to(device, memory_format=layout)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     aug = common.MultiCrop(32, (torch.full((3,), 0.5), torch.full((3,), 0.25)), n_global, n_local, scale)
     g = torch.Generator(device=device).manual_seed(0)
@@ -187,7 +211,8 @@ def lightly_end_to_end(name, args, device, images, amp, steps):
         deactivate_requires_grad(teacher)
         criterion = DINOLoss(output_dim=4096)
         teacher.to(device)
-    model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
+    layout = torch.channels_last if common.channels_last(device, args) else torch.preserve_format
+    model.to(device, memory_format=layout)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]  # decoded once: the peer's best case
 

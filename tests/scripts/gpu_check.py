@@ -1,10 +1,10 @@
-"""The one device command (a script, not a test): everything the README states about a CUDA GPU, measured in one run
-that fits a 10-minute command, stops cleanly at --time-limit, and writes what it measured to files under --out.
+"""The GPU check (a script, not a test): everything the README states about a CUDA GPU, measured in one run
+of about 9 minutes that stops cleanly at --time-limit, and writes what it measured to files under --out.
 
-    python tests/scripts/gpu_check.py --out "$OUT"                        # on the GPU machine (README: device check)
+    python tests/scripts/gpu_check.py --out results/                      # on a CUDA machine (README: the GPU check)
     python tests/scripts/gpu_check.py --out /tmp/gc --toy --device cpu    # dry run on the CPU, toy sizes, ~3 minutes
 
-Stages, most important first, so that a short lease still brings back the first ones (each with its share of the
+Stages, most important first, so that a run stopped early still has the first ones (each with its share of the
 time; what one leaves is carried to the next):
   a. tests.txt      the CUDA-path tests (tests/test_device_paths.py) on the device, and per method one training step
                     in bf16 autocast against fp32 from the same weights and crops: loss difference, gradient cosine;
@@ -15,9 +15,9 @@ time; what one leaves is carried to the next):
                     256), scored by eval_linear.py; resumable: the same command continues it on a warm machine.
 summary.md gathers the README-ready lines; log.txt is everything the stages printed.
 
-What travels: the checkout, plus (git-ignored, named in the device tool's `carry`) data/tin100-32.zip (a copy of
-../shared/data/tin100-32.zip) and wheels/ (`pip download lightly hydra-core omegaconf antlr4-python3-runtime --no-deps
--d wheels`).
+Needs, besides the checkout: data/tin100-32.zip for stage d (a copy of ../shared/data/tin100-32.zip; data/ is
+git-ignored), and lightly for stage c, installed from wheels/ when pip cannot reach it (`pip download lightly
+hydra-core omegaconf antlr4-python3-runtime --no-deps -d wheels` beforehand).
 """
 import argparse
 import copy
@@ -41,7 +41,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 of the
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the (at most 8) result files")
-    p.add_argument("--time-limit", type=float, default=540, help="seconds for all stages (a 10-minute command: 540)")
+    p.add_argument("--time-limit", type=float, default=540, help="seconds for all stages")
     p.add_argument("--device", default="cuda")
     p.add_argument("--toy", action="store_true", help="tiny sizes, for a dry run on the CPU")
     p.add_argument("--stages", default="abcd", help="which stages to run, e.g. 'd' to continue the real-image rows")
@@ -100,7 +100,8 @@ def agreement(device, toy):
         margs = mod.get_args(["--arch", arch, "--width", str(width), "--dataset", "synthetic", "--out-dir", "/tmp/gc"]
                              + (["--local-crops", "6"] if name == "dino" else []))
         model, loss_fn, _ = benchmark.build(name, margs, device)
-        model.to(device, memory_format=torch.channels_last if common.channels_last(device) else torch.preserve_format)
+        layout = torch.channels_last if common.channels_last(device, margs) else torch.preserve_format
+        model.to(device, memory_format=layout)
         aug = common.MultiCrop(32, stats, n_global, n_local, scale, color=name != "mmae")
         views = aug(x, torch.Generator(device=device).manual_seed(0))
         start, res = copy.deepcopy(model.state_dict()), {}
