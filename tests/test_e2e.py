@@ -19,17 +19,17 @@ def assert_clean_error(p, *words):
         assert w in p.stderr, p.stderr
 
 
-def test_simclr_runs_and_eval_reads_checkpoint(tmp_path):
+def test_simclr_runs_and_eval_reads_checkpoint(tmp_path, capsys):
     run("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path)
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["args"]["arch"] == "resnet18" and "backbone" in ck
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert log[0]["epoch"] == 1 and "loss" in log[0] and 0 <= log[0]["knn_top1"] <= 100
-    p = run("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "3", "--device", "cpu")
+    call("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "3", "--device", "cpu")
     res = json.load(open(tmp_path / "last.eval.json"))
     for key in ("knn20_top1", "knn200_top1", "linear_top1", "linear_top5"):
         assert 0 <= res[key] <= 100
-    assert res["linear_top5"] >= res["linear_top1"] and "linear_top1=" in p.stdout
+    assert res["linear_top5"] >= res["linear_top1"] and "linear_top1=" in capsys.readouterr().out
 
 
 def test_resume_continues_the_same_run(tmp_path):
