@@ -781,8 +781,16 @@ class Run:
         run.finish()           release the folder, say how to evaluate and how to train on"""
 
     def __init__(self, args):
-        self.args, self.config, self.lock, self.saved, self.signal, self.checkpoint = args, None, None, None, None, None
-        self.log, self.done, self.writing, self.pid = [], 0, False, os.getpid()
+        self.args = args
+        self.config = None  # the resolved values, fixed by resolve()
+        self.lock = None  # the open .lock file of the run folder, flock-ed
+        self.checkpoint = None  # a resumed run's checkpoint, until resume() has loaded it
+        self.saved = None  # (path, epoch) of the last checkpoint written or resumed from
+        self.log = []  # the log records, also kept in every checkpoint
+        self.done = 0  # epochs finished
+        self.writing = False  # a checkpoint and its log line are being written: a signal waits
+        self.signal = None  # the signal that arrived while writing
+        self.pid = os.getpid()  # DataLoader workers inherit the handler; only this process stops the run
         previous = signal.getsignal(signal.SIGTERM)
         if isinstance(getattr(previous, "__self__", None), Run):  # a run this process made before (tests train twice)
             previous.__self__.release()
@@ -859,24 +867,26 @@ class Run:
     def resume(self, model, opt):
         """Load a resumed run's model and optimiser state and restore its log; -> the epoch to start from (0 for a new
         run). A changed --epochs is said in one line: every schedule is recomputed over the new total."""
-        ck, self.checkpoint = self.checkpoint, None
+        ck, args = self.checkpoint, self.args
         if ck is None:
             return 0
+        self.checkpoint = None  # loaded: not kept in memory for the run
         getattr(model, "module", model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        self.saved, self.done = (self.args.resume, ck["epoch"]), ck["epoch"]
-        self.log = restore_log(ck, os.path.join(self.args.out_dir, "log.jsonl"))
+        self.done = ck["epoch"]
+        self.saved = (args.resume, self.done)
+        self.log = restore_log(ck, os.path.join(args.out_dir, "log.jsonl"))
         if self.rank == 0:
-            print(f"resumed from {self.args.resume} at epoch {ck['epoch']}", file=sys.stderr)
-        planned, epochs = ck["args"].get("epochs", self.args.epochs), self.args.epochs
-        if planned != epochs and self.rank == 0:
-            s, last = self.steps, (self.log[-1].get("lr") if self.log else None)
-            now = cosine(ck["epoch"] * s, epochs * s, self.args.base_lr, 0.0, self.args.warmup_epochs * s)
-            print(f"note: --epochs {epochs} for a run planned for {planned}: every schedule (learning rate, and the "
-                  f"method's own) is recomputed over {epochs} epochs, so the learning rate goes from "
-                  f"{last if last is None else f'{last:.3g}'} to about {now:.3g} (a warm restart, not the rest of one "
-                  f"decay)", file=sys.stderr)
-        return ck["epoch"]
+            print(f"resumed from {args.resume} at epoch {self.done}", file=sys.stderr)
+        planned = ck["args"].get("epochs", args.epochs)
+        if planned != args.epochs and self.rank == 0:  # the cosine of this run's own schedule, with its lr scaling
+            last = f"{self.log[-1]['lr']:.3g}" if self.log and "lr" in self.log[-1] else "?"
+            s = self.steps
+            now = cosine(self.done * s, args.epochs * s, args.base_lr, 0.0, args.warmup_epochs * s)
+            print(f"note: --epochs {args.epochs} for a run planned for {planned}: every schedule (learning rate, and "
+                  f"the method's own) is recomputed over {args.epochs} epochs, so the learning rate goes from {last} "
+                  f"to about {now:.3g} (a warm restart, not the rest of one decay)", file=sys.stderr)
+        return self.done
 
     def monitor_due(self, epoch):
         """Whether rank 0 runs the kNN monitor after `epoch` (0-based): every --eval-every epochs and at the end."""
@@ -891,12 +901,14 @@ class Run:
         if self.rank != 0:
             return
         args, done = self.args, record["epoch"]
-        log, last = os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "last.pt")
+        log = os.path.join(args.out_dir, "log.jsonl")
+        last = os.path.join(args.out_dir, "last.pt")
         state = {"args": self.config, "epoch": done, "backbone": backbone.state_dict(), "log": self.log + [record],
                  "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
         self.writing = True  # a signal now waits for the checkpoint and the log line
         save_checkpoint(last, state)
-        self.saved, self.log = (last, done), state["log"]
+        self.saved = (last, done)
+        self.log = state["log"]
         if args.save_every and done % args.save_every == 0:
             save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
         with writing(log), open(log, "a") as f:
@@ -925,7 +937,7 @@ class Run:
 
     def _stop(self, signum, mid_epoch):
         """One line with the epoch reached, the last checkpoint and the command that continues it; exit 128 + signal."""
-        total, saved = self.args.epochs, self.saved
+        total, saved = self.args.epochs, self.saved  # saved: (path, epoch) or None
         launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
         if self.rank == 0:
             where = f"in epoch {self.done + 1} of {total}" if mid_epoch else f"after epoch {self.done} of {total}"

@@ -159,7 +159,8 @@ def method_step(name, margs, device, x, aug, amp, steps, compile=False):
     print(f"{name:7s} {margs.arch:9s} crops={len(views)} batch={n}{' compiled' if compile else ''}: step "
           f"{n / t_step:7.0f} img/s "
           f"(with aug {n / (t_step + t_aug):7.0f}), bare backbone {n / t_bare:7.0f} img/s, overhead "
-          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB{' RSS' if device.type != 'cuda' else ''}, loss fp32 {l32:.5f} / amp {lamp:.5f}, "
+          f"{100 * (t_step / t_bare - 1):5.1f}%, peak {peak:.2f} GiB{' RSS' if device.type != 'cuda' else ''}, "
+          f"loss fp32 {l32:.5f} / amp {lamp:.5f}, "
           f"{tflops:.1f} TFLOP/s", flush=True)
 
 
