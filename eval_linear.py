@@ -12,7 +12,14 @@ images and of the held-out split are extracted once (no augmentation, normalised
     Table III (definitions in `geometry`; the paper names the metrics without formulas), and the class-centroid
     cosine-similarity matrix (its Figure 5) as <checkpoint>.centroids.png: centroids of the L2-normalised
     features minus their mean (ResNet features are >= 0, so raw cosines are all positive), classes in a greedy
-    nearest-centroid order so related classes sit together (the order is saved in the JSON).
+    nearest-centroid order so related classes sit together (the order is saved in the JSON); beside them the
+    alignment and uniformity of Wang & Isola (2020), the standard pair for contrastive representations;
+  * with --wordnet DIR, for classes named by WordNet noun ids (Tiny-ImageNet, ImageNet, tin100), the HyDeS paper's
+    Table IV: Spearman correlations of the class-centroid similarities with the Wu-Palmer and Leacock-Chodorow
+    similarities of the classes, and the cophenetic correlation of an average-linkage clustering of the centroids
+    with the WordNet path lengths. WordNet is read from its 3.0 database file data.noun by a few lines here (no
+    NLTK; the similarities equal NLTK's). The paper's third column, MiniLM text-embedding similarities, needs a
+    text model and is not computed.
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
@@ -45,6 +52,9 @@ def get_args(argv=None):
                    help="use a fixed random subset of N images of each split (quick checks)")
     p.add_argument("--geometry", action="store_true", help="also report the representation geometry and write the "
                    "class-centroid similarity matrix as a PNG")
+    p.add_argument("--wordnet", metavar="DIR", help="also correlate the class centroids with WordNet (classes named by "
+                   "WordNet noun ids, e.g. tinyimagenet): DIR holds WordNet 3.0's data.noun (Debian's wordnet-base: "
+                   "/usr/share/wordnet)")
     p.add_argument("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip undecodable files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe and of the geometry's augmentations")
@@ -85,6 +95,21 @@ def effective_rank(x):
     return torch.exp(-torch.special.xlogy(p, p).sum()).item()
 
 
+def alignment(a, b):
+    """Wang & Isola (2020): E ||z - z+||^2 over positive pairs (rows of a and b, L2-normalised here): 0 when every
+    pair is one point, 4 when every pair is antipodal."""
+    a, b = F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)
+    return (a - b).pow(2).sum(1).mean().item()
+
+
+def uniformity(z, t=2.0):
+    """Wang & Isola (2020): log E exp(-t ||z_i - z_j||^2) over the distinct pairs i < j of the rows of z (L2-normalised
+    here; their code's pdist), in log space: -4 for orthonormal rows, -4n/(n-1) for the n vertices of a regular
+    simplex (the lowest value n points reach), 0 when all rows are one point."""
+    d2 = torch.pdist(F.normalize(z.double(), dim=1)).pow(2)  # (n (n - 1) / 2,)
+    return (torch.logsumexp(-t * d2, 0) - math.log(len(d2))).item()
+
+
 @torch.no_grad()
 def geometry(f, pairs=None, labels=None):
     """Representation geometry of features f (N, D), computed on the L2-normalised rows z_i:
@@ -93,8 +118,10 @@ def geometry(f, pairs=None, labels=None):
       feature_correlation mean |Pearson correlation| between distinct feature dimensions, over samples;
       embedding_rank      effective rank of the centred z (see effective_rank);
       angle_all_mean/std  pairwise angles in degrees over distinct pairs;
+      uniformity          Wang & Isola's uniformity, log E exp(-2 ||z_i - z_j||^2) over distinct pairs;
     with pairs = (a, b), two augmented views (M, D) of the same M images (positive pairs):
       angle_pos_mean/std  angle between the two views of each image;
+      alignment           Wang & Isola's alignment, E ||a_i - b_i||^2 of the L2-normalised views;
       d_prime             sensitivity index of positive vs all angles, (mean_all - mean_pos) / sqrt((var_all +
                           var_pos) / 2): how many pooled standard deviations separate the two distributions;
     with class labels (N,):
@@ -108,12 +135,14 @@ def geometry(f, pairs=None, labels=None):
     d = corr.shape[0]
     out = {"anisotropy": cos.mean().item(), "center_norm": z.mean(0).norm().item(),
            "feature_correlation": ((corr.abs().sum() - corr.diagonal().abs().sum()) / max(d * (d - 1), 1)).item(),
-           "embedding_rank": effective_rank(z), "angle_all_mean": ang.mean().item(), "angle_all_std": ang.std().item()}
+           "embedding_rank": effective_rank(z), "angle_all_mean": ang.mean().item(), "angle_all_std": ang.std().item(),
+           "uniformity": uniformity(z)}
     if pairs is not None:
         a, b = (F.normalize(x.double(), dim=1) for x in pairs)
         pos = torch.rad2deg(torch.arccos((a * b).sum(1).clamp(-1, 1)))
         out.update(angle_pos_mean=pos.mean().item(), angle_pos_std=pos.std().item(),
-                   d_prime=((ang.mean() - pos.mean()) / ((ang.var() + pos.var()) / 2).sqrt()).item())
+                   d_prime=((ang.mean() - pos.mean()) / ((ang.var() + pos.var()) / 2).sqrt()).item(),
+                   alignment=alignment(a, b))
     if labels is not None:
         out["centroid_rank"] = effective_rank(class_centroids(z, labels))
     return out
@@ -127,6 +156,15 @@ def class_centroids(z, labels):
     return sums[counts > 0] / counts[counts > 0, None]
 
 
+def centroid_similarities(f, labels):
+    """Cosine similarities (C', C') of the class centroids of the L2-normalised features f, taken relative to the
+    mean feature (backbone features are >= 0 after a ReLU, so raw cosines are all positive), and which of the classes
+    0..C-1 have rows (C' of them)."""
+    z = F.normalize(f.double(), dim=1)
+    centroids = F.normalize(class_centroids(z, labels) - z.mean(0), dim=1)
+    return centroids @ centroids.T, torch.bincount(labels, minlength=int(labels.max()) + 1) > 0
+
+
 def greedy_order(sim):
     """A chain through the classes: start at 0, then always the most similar class not yet visited."""
     order, left = [0], set(range(1, len(sim)))
@@ -137,7 +175,161 @@ def greedy_order(sim):
     return order
 
 
+# ==== Semantic alignment with WordNet (the HyDeS paper's Table IV) ===================================================
+def read_wordnet(path):
+    """The noun hypernym graph of WordNet's data.noun (WordNet 3.0 database format, wndb(5)): -> {offset: [hypernym
+    offsets]}, offsets as 8-digit strings. A line is `offset lex_filenum ss_type w_cnt word lex_id ... p_cnt ptr ...
+    | gloss` (w_cnt in hex, p_cnt decimal, each pointer `symbol offset pos source/target`); hypernyms are the `@`
+    (class) and `@i` (instance) pointers; the licence header's lines start with a space."""
+    parents = {}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if line.startswith(" "):
+            continue
+        f = line.split(" | ")[0].split()
+        w = int(f[3], 16)
+        p = 4 + 2 * w  # the pointer count
+        ptrs = [f[p + 1 + 4 * k: p + 5 + 4 * k] for k in range(int(f[p]))]
+        parents[f[0]] = [o for sym, o, pos, _ in ptrs if sym in ("@", "@i") and pos == "n"]
+    return parents
+
+
+def hypernym_distances(parents, offset):
+    """{ancestor: fewest hypernym steps from `offset` to it}, the synset itself at 0 (breadth first)."""
+    dist, frontier = {offset: 0}, [offset]
+    while frontier:
+        nxt = []
+        for o in frontier:
+            for h in parents.get(o, []):
+                if h not in dist:
+                    dist[h] = dist[o] + 1
+                    nxt.append(h)
+        frontier = nxt
+    return dist
+
+
+def wordnet_similarities(parents, offsets):
+    """(C, C) Wu-Palmer and Leacock-Chodorow similarities and shortest path lengths of the synsets `offsets`, defined
+    as NLTK's wup_similarity, lch_similarity and shortest_path_distance (WordNet 3.0 nouns; checked against NLTK on
+    all pairs of tin100's 100 classes). With d(a, c) the fewest hypernym steps from a up to c:
+      path(a, b) = min over common hypernyms c of d(a, c) + d(b, c);
+      Wu-Palmer  = 2 h / (path(a, l) + path(b, l) + 2 h), l the common hypernym farthest from the root by its
+                   shortest path (a itself when it subsumes b; ties: the smaller offset, where NLTK takes the first
+                   name), h = 1 + the longest path from l up to the root;
+      Leacock-Chodorow = -log((path + 1) / (2 D)), D the longest path to the root in the whole noun taxonomy (19)."""
+    shortest, longest = {}, {}
+
+    def depth(o, memo, pick):  # steps from o up to the root by the shortest / longest path
+        if o not in memo:
+            memo[o] = 1 + pick(depth(h, memo, pick) for h in parents[o]) if parents.get(o) else 0
+        return memo[o]
+    D = max(depth(o, longest, max) for o in parents)
+    up = [hypernym_distances(parents, o) for o in offsets]
+
+    def steps(u, v):  # the shortest path between two synsets, through the common hypernym that makes it shortest
+        return min(u[c] + v[c] for c in u.keys() & v.keys())
+    C = len(offsets)
+    wup, lch, path = (torch.zeros(C, C, dtype=torch.float64) for _ in range(3))
+    for i in range(C):
+        for j in range(C):
+            common = up[i].keys() & up[j].keys()
+            if not common:
+                raise ValueError(f"synsets {offsets[i]} and {offsets[j]} have no common hypernym")
+            path[i, j] = steps(up[i], up[j])
+            deepest = max(depth(c, shortest, min) for c in common)
+            lcs = [c for c in common if depth(c, shortest, min) == deepest]
+            lcs = offsets[i] if offsets[i] in lcs else min(lcs)
+            h, up_l = depth(lcs, longest, max) + 1, hypernym_distances(parents, lcs)
+            wup[i, j] = 2 * h / (steps(up[i], up_l) + steps(up[j], up_l) + 2 * h)
+            lch[i, j] = -math.log((path[i, j].item() + 1) / (2 * D))
+    return wup, lch, path
+
+
+def ranks(x):
+    """Ranks 1..n of the entries of x (1-D), ties sharing their average rank (as Spearman's correlation needs)."""
+    order = x.argsort()
+    r = torch.empty_like(x, dtype=torch.float64)
+    r[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    for v in x.unique():  # ties: the mean of the ranks they occupy
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def pearson(a, b):
+    """Pearson's correlation of two 1-D tensors (in [-1, 1]; rounding cannot take it past)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return (a @ b / (a.norm() * b.norm())).clamp(-1, 1).item()
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: Pearson's of the ranks (ties averaged)."""
+    return pearson(ranks(a), ranks(b))
+
+
+def cophenetic(dist):
+    """Average-linkage (UPGMA) agglomerative clustering of a (C, C) distance matrix -> (C, C) cophenetic distances:
+    the linkage distance at which i and j first share a cluster."""
+    d = dist.double().clone().fill_diagonal_(math.inf)
+    clusters = {i: [i] for i in range(len(d))}
+    coph = torch.zeros_like(d)
+    while len(clusters) > 1:
+        keys = list(clusters)
+        sub = d[keys][:, keys]
+        flat = int(sub.argmin())
+        a, b = keys[flat // len(keys)], keys[flat % len(keys)]
+        h = d[a, b].item()
+        for i in clusters[a]:
+            for j in clusters[b]:
+                coph[i, j] = coph[j, i] = h
+        na, nb = len(clusters[a]), len(clusters[b])
+        merged = (na * d[a] + nb * d[b]) / (na + nb)  # average linkage: the size-weighted mean of the two rows
+        d[a], d[:, a] = merged, merged
+        d[a, a] = math.inf
+        d[b], d[:, b] = math.inf, math.inf
+        clusters[a] += clusters.pop(b)
+    return coph
+
+
+def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
+    """Spearman correlations between the class-centroid cosine similarities and the WordNet Wu-Palmer / Leacock-
+    Chodorow similarities over the class pairs, and the cophenetic correlation: Pearson between the cophenetic
+    distances of an average-linkage clustering of the centroids (distance 1 - cosine) and the WordNet path lengths."""
+    bad = [w for w in wnids if not (len(w) == 9 and w[0] == "n" and w[1:].isdigit())]
+    if bad:
+        common.die(f"--wordnet needs classes named by WordNet noun ids (n01443537), got '{bad[0]}'")
+    data = os.path.join(wordnet_dir, "data.noun")
+    if not os.path.isfile(data):
+        common.die(f"--wordnet {wordnet_dir}: no data.noun there (WordNet 3.0 database files; Debian's wordnet-base "
+                   f"installs them in /usr/share/wordnet)")
+    parents = read_wordnet(data)
+    missing = [w for w in wnids if w[1:] not in parents]
+    if missing:
+        common.die(f"{len(missing)} classes are not in {data} (first: {missing[0]}): is it WordNet 3.0?")
+    wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids])
+    pairs = torch.triu_indices(len(wnids), len(wnids), 1)
+    pick = lambda m: m[pairs[0], pairs[1]]  # noqa: E731  (the C (C - 1) / 2 class pairs)
+    sim = centroid_sim.double().cpu()
+    return {"wordnet_wup_spearman": spearman(pick(sim), pick(wup)),
+            "wordnet_lch_spearman": spearman(pick(sim), pick(lch)),
+            "wordnet_cophenetic": pearson(pick(cophenetic(1 - sim)), pick(path))}
+
+
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half disk", "two dots", "frame")
+
+
+def folder_root(name, data_dir):
+    """The folder holding train/ of a folder or Tiny-ImageNet dataset."""
+    if name == "folder" or os.path.isfile(os.path.join(data_dir, "wnids.txt")):
+        return data_dir
+    return os.path.join(data_dir, "tiny-imagenet-200")
+
+
+def class_wnids(name, data_dir):
+    """The class folder names (sorted, as the labels are) of a folder-like dataset, for --wordnet."""
+    import torchvision
+    if name not in ("folder", "tinyimagenet"):
+        common.die(f"--wordnet needs a dataset whose classes are WordNet ids (folder, tinyimagenet), not {name}")
+    return torchvision.datasets.folder.find_classes(os.path.join(folder_root(name, data_dir), "train"))[0]
 
 
 def class_names(name, data_dir, count):
@@ -150,8 +342,7 @@ def class_names(name, data_dir, count):
         if name == "synthetic":
             names = list(SHAPES)
         elif name in ("folder", "tinyimagenet"):
-            root = data_dir if name == "folder" or os.path.isfile(os.path.join(data_dir, "wnids.txt")) else \
-                os.path.join(data_dir, "tiny-imagenet-200")
+            root = folder_root(name, data_dir)
             names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
             words = dict(line.rstrip("\n").split("\t", 1) for line in open(os.path.join(root, "words.txt")))
             names = [words[w].split(",")[0] if w in words else w for w in names]
@@ -208,6 +399,11 @@ def main(args):
         return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
     device = common.pick_device(args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
+    if args.wordnet:  # what --wordnet needs, checked before the minutes of features and probe
+        class_wnids(name, data_dir)
+        if not os.path.isfile(os.path.join(args.wordnet, "data.noun")):
+            common.die(f"--wordnet {args.wordnet}: no data.noun there (WordNet 3.0 database files; Debian's "
+                       f"wordnet-base installs them in /usr/share/wordnet)")
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
               skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
@@ -245,14 +441,16 @@ def main(args):
         with torch.no_grad():
             pairs = [torch.cat([backbone(c).float() for c in v.split(500)]) for v in views]
         res.update(geometry(te_f[keep.to(te_f.device)], pairs, te_y[keep.to(te_y.device)]))
-        z = F.normalize(te_f.double(), dim=1)  # centroids relative to the mean feature: backbone features are
-        centroids = F.normalize(class_centroids(z, te_y) - z.mean(0), dim=1)  # >= 0 (ReLU), raw cosines all > 0
-        sim = centroids @ centroids.T
+        sim, _ = centroid_similarities(te_f, te_y)
         order = greedy_order(sim)
         names = class_names(name, data_dir, len(sim))
         with common.writing(base + ".centroids.png"):
             save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
         res["centroid_order"] = order
+    if args.wordnet:  # classes named by WordNet ids: centroid similarities against WordNet's (Table IV)
+        sim, present = centroid_similarities(te_f, te_y)
+        wnids = [w for w, p in zip(class_wnids(name, data_dir), present.tolist()) if p]
+        res.update(wordnet_alignment(sim, wnids, args.wordnet))
     out = base + ".eval.json"
     with common.writing(out), open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -166,6 +166,30 @@ def test_geometry_closed_forms():
     assert g["feature_correlation"] == pytest.approx(1 / 7, rel=1e-9)
     assert g["angle_pos_mean"] == pytest.approx(25.0, abs=1e-4) and g["angle_pos_std"] == pytest.approx(12.9099, abs=1e-3)
     assert g["d_prime"] == pytest.approx(65 / (250 / 3) ** 0.5, rel=1e-5)
+    # beside them, Wang & Isola's pair: orthonormal rows, uniformity -4; alignment mean(2 - 2 cos t)
+    assert g["uniformity"] == pytest.approx(-4.0, abs=1e-9)
+    assert g["alignment"] == pytest.approx(sum(2 - 2 * math.cos(math.radians(d)) for d in (10, 20, 30, 40)) / 4, rel=1e-6)
+
+
+def test_alignment_and_uniformity_closed_forms():
+    # Uniformity, t = 2: the n vertices of a regular simplex have pairwise cosine -1/(n-1), so every squared distance is
+    # 2 + 2/(n-1) = 2n/(n-1) and log E exp(-2 d^2) = -4n/(n-1): n = 5 -> -5, n = 2 (antipodal) -> -8. Orthonormal rows:
+    # d^2 = 2 -> -4. One point repeated: d^2 = 0 -> 0. The scale of a row does not matter (normalised first).
+    from eval_linear import alignment, uniformity
+    simplex = torch.eye(5) - 0.2  # centred basis vectors: the regular simplex in the plane sum = 0
+    assert uniformity(simplex) == pytest.approx(-5.0, abs=1e-12)
+    assert uniformity(torch.tensor([[1.0, 0], [-3.0, 0]])) == pytest.approx(-8.0, abs=1e-12)
+    assert uniformity(torch.eye(8) * 3) == pytest.approx(-4.0, abs=1e-12)
+    assert uniformity(torch.ones(4, 3)) == pytest.approx(0.0, abs=1e-12)
+    # Alignment: identical pairs 0; antipodal pairs ||a - (-a)||^2 = 4; unit pairs at angles t: 2 - 2 cos t, here the
+    # mean over t = 10, 20, 30, 40 degrees
+    a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert alignment(a, 2 * a) == pytest.approx(0.0, abs=1e-12) and alignment(a, -a) == pytest.approx(4.0)
+    t = torch.deg2rad(torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64))
+    e = torch.eye(8, dtype=torch.float64)
+    b = e[:4] * t.cos()[:, None] + e[4:] * t.sin()[:, None]
+    expected = sum(2 - 2 * math.cos(math.radians(d)) for d in (10, 20, 30, 40)) / 4
+    assert alignment(e[:4], b) == pytest.approx(expected, rel=1e-12)
 
 
 def test_feature_correlation_and_collapse():
@@ -399,3 +423,52 @@ def test_subset_is_fixed_random_and_covers_classes():
     assert torch.equal(a.labels, b.labels) and len(a.images) == 200
     assert torch.bincount(a.labels, minlength=10).min() >= 8  # every class present (a prefix would hold 2)
     assert common.subset(data, None) is data and common.subset(data, 5000) is data
+WORDNET = """  1 This software and database is being provided to you, the LICENSEE, by
+  2 Princeton University under the following license.
+00000001 03 n 01 entity 0 002 ~ 00000002 n 0000 ~ 00000005 n 0000 | that which exists
+00000002 05 n 02 animal 0 animate_being 0 003 @ 00000001 n 0000 ~ 00000003 n 0000 ~ 00000004 n 0000 | a living organism
+00000003 05 n 01 dog 0 002 @ 00000002 n 0000 #m 00000009 n 0000 | a domestic animal
+00000004 05 n 01 cat 0 001 @i 00000002 n 0000 | a feline
+00000005 03 n 01 plant 0 002 @ 00000001 n 0000 ~ 00000006 n 0000 | a living organism lacking locomotion
+00000006 20 n 01 tree 0 001 @ 00000005 n 0000 | a tall perennial woody plant
+"""
+
+
+def test_wordnet_alignment_on_a_hand_made_taxonomy(tmp_path, capsys):
+    # entity (the root) -> animal, plant -> dog, cat (an instance hypernym, @i) under animal, tree under plant: the
+    # longest path to the root is D = 2 steps. dog-cat: lowest common hypernym animal (h = 1 + 1 = 2), 1 step from
+    # each: Wu-Palmer 2*2 / (1 + 1 + 2*2) = 2/3, path 2, Leacock-Chodorow -log(3 / 4). dog-tree, cat-tree: entity
+    # (h = 1), 2 steps each: 2*1 / (2 + 2 + 2) = 1/3, path 4, -log(5 / 4). A synset with itself: 1, path 0, -log(1 / 4).
+    import eval_linear as ev
+    (tmp_path / "data.noun").write_text(WORDNET)
+    parents = ev.read_wordnet(str(tmp_path / "data.noun"))
+    assert parents["00000002"] == ["00000001"] and parents["00000004"] == ["00000002"] and parents["00000001"] == []
+    wup, lch, path = ev.wordnet_similarities(parents, ["00000003", "00000004", "00000006"])
+    assert torch.allclose(wup, torch.tensor([[1, 2 / 3, 1 / 3], [2 / 3, 1, 1 / 3], [1 / 3, 1 / 3, 1]], dtype=wup.dtype))
+    assert torch.equal(path, torch.tensor([[0.0, 2, 4], [2, 0, 4], [4, 4, 0]], dtype=path.dtype))
+    assert lch[0, 1].item() == pytest.approx(math.log(4 / 3)) and lch[0, 2].item() == pytest.approx(math.log(4 / 5))
+    assert lch[0, 0].item() == pytest.approx(math.log(4))
+    # Centroid cosines over the pairs (dog-cat, dog-tree, cat-tree) 0.9, 0.1, 0.2: ranks 3, 1, 2; Wu-Palmer's 2/3, 1/3,
+    # 1/3 rank 3, 1.5, 1.5. Spearman = Pearson of the centred ranks (1, -1, 0) and (1, -0.5, -0.5): 1.5 / (sqrt 2 sqrt 1.5)
+    # = sqrt(3) / 2; Leacock-Chodorow ranks alike. Average linkage on 1 - cosine: dog+cat merge at 0.1, tree joins at
+    # (0.9 + 0.8) / 2 = 0.85; cophenetic (0.1, 0.85, 0.85) against the paths (2, 4, 4): proportional once centred -> 1.
+    sim = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    res = ev.wordnet_alignment(sim, ["n00000003", "n00000004", "n00000006"], str(tmp_path))
+    assert res["wordnet_wup_spearman"] == pytest.approx(3**0.5 / 2)
+    assert res["wordnet_lch_spearman"] == pytest.approx(3**0.5 / 2)
+    assert res["wordnet_cophenetic"] == pytest.approx(1.0)
+    for wnids, where, words in ((["dog", "n00000004", "n00000006"], str(tmp_path), "WordNet noun ids"),
+                                (["n00000003", "n00000004", "n00000007"], str(tmp_path), "not in"),
+                                (["n00000003", "n00000004", "n00000006"], str(tmp_path / "none"), "no data.noun")):
+        with pytest.raises(SystemExit, match=words):
+            ev.wordnet_alignment(sim, wnids, where)
+
+
+def test_ranks_share_ties_and_cophenetic_distances_follow_average_linkage():
+    import eval_linear as ev
+    assert ev.ranks(torch.tensor([5.0, 1.0, 5.0, 3.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    # points on a line at 0, 1, 5, 7: merges {0,1} at 1, {5,7} at 2, then the clusters at the mean of their 4
+    # cross distances (5 + 7 + 4 + 6) / 4 = 5.5
+    x = torch.tensor([0.0, 1.0, 5.0, 7.0])
+    coph = ev.cophenetic((x[:, None] - x[None, :]).abs())
+    assert coph.tolist() == [[0, 1, 5.5, 5.5], [1, 0, 5.5, 5.5], [5.5, 5.5, 0, 2], [5.5, 5.5, 2, 0]]

@@ -124,3 +124,30 @@ def test_backbone_loads_into_plain_torchvision(tmp_path, script, arch, extra):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain.eval()(x), ours.eval()(x), atol=1e-5)
+
+
+def test_eval_wordnet_on_a_folder_of_wordnet_classes(tmp_path, capsys):
+    # classes named by WordNet ids (the hand-made taxonomy of test_common): --wordnet adds the three correlations to
+    # the JSON; on a dataset whose classes are not WordNet ids, or without data.noun, it is one line before any work
+    import numpy as np
+    from PIL import Image
+
+    from test_common import WORDNET
+    shapes = common.synthetic(36, seed=4)
+    for i, (x, y) in enumerate(zip(shapes.images, shapes.labels)):
+        folder = tmp_path / "data" / ("train" if i % 4 else "val") / ("n00000003", "n00000004", "n00000006")[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy())).save(folder / f"{i}.png")
+    (tmp_path / "wn").mkdir()
+    (tmp_path / "wn" / "data.noun").write_text(WORDNET)
+    call("simclr.py", *SIMCLR_TINY, "--dataset", "folder", "--data-dir", tmp_path / "data", "--batch-size", "8",
+         "--eval-every", "0", "--out-dir", tmp_path / "run")
+    ck = tmp_path / "run" / "last.pt"
+    call("eval_linear.py", "--checkpoint", ck, "--probe-epochs", "1", "--wordnet", tmp_path / "wn")
+    res = json.load(open(tmp_path / "run" / "last.eval.json"))
+    assert all(-1 <= res[k] <= 1 for k in ("wordnet_wup_spearman", "wordnet_lch_spearman", "wordnet_cophenetic"))
+    assert "no data.noun" in one_line_error("eval_linear.py", ["--checkpoint", ck, "--wordnet", tmp_path], capsys)
+    call("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path / "synthetic")
+    msg = one_line_error("eval_linear.py", ["--checkpoint", tmp_path / "synthetic" / "last.pt", "--wordnet",
+                                            tmp_path / "wn"], capsys)
+    assert "classes are WordNet ids" in msg

@@ -64,7 +64,9 @@ def get_args():
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "real"))
     p.add_argument("--time-limit", type=float, default=0, help="stop after about this many seconds (0: no limit), "
-                   "between epochs of a run, and print how to continue: the GPU machine gives 10 minutes a command")
+                   "between epochs of a run, and print how to continue (for a job slot of fixed length)")
+    p.add_argument("--wordnet", metavar="DIR", help="also evaluate the WordNet alignment (eval_linear.py --wordnet DIR; "
+                   "the classes must be WordNet ids, as tin100's are)")
     return p.parse_args()
 
 
@@ -174,7 +176,7 @@ def train_and_eval(name, script_flags, args):
         print(f"evaluating {name}", flush=True)
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(["eval_linear.py", "--checkpoint", ck, "--probe-epochs", str(args.probe_epochs), "--device", args.device,
-             "--geometry", *limit],
+             "--geometry", *limit, *(["--wordnet", args.wordnet] if args.wordnet else [])],
             os.path.join(folder, "eval.log"))
     res = read_json(ev)
     return {"run": name, "arch": res["arch"], "knn20": res["knn20_top1"], "knn200": res["knn200_top1"],
