@@ -17,9 +17,9 @@ images and of the held-out split are extracted once (no augmentation, normalised
   * with --wordnet DIR, for classes named by WordNet noun ids (Tiny-ImageNet, ImageNet, tin100), the HyDeS paper's
     Table IV: Spearman correlations of the class-centroid similarities with the Wu-Palmer and Leacock-Chodorow
     similarities of the classes, and the cophenetic correlation of an average-linkage clustering of the centroids
-    with the WordNet path lengths. WordNet is read from its 3.0 database file data.noun by a few lines here (no
-    NLTK; the similarities equal NLTK's). The paper's third column, MiniLM text-embedding similarities, needs a
-    text model and is not computed.
+    with the WordNet path lengths; a Mantel permutation test gives the Wu-Palmer correlation a p-value. WordNet is
+    read from its 3.0 database file data.noun by a few lines here (no NLTK; the similarities equal NLTK's). The
+    paper's third column, MiniLM text-embedding similarities, needs a text model and is not computed.
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
@@ -306,12 +306,21 @@ def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
     if missing:
         common.die(f"{len(missing)} classes are not in {data} (first: {missing[0]}): is it WordNet 3.0?")
     wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids])
-    pairs = torch.triu_indices(len(wnids), len(wnids), 1)
+    C = len(wnids)
+    pairs = torch.triu_indices(C, C, 1)
     pick = lambda m: m[pairs[0], pairs[1]]  # noqa: E731  (the C (C - 1) / 2 class pairs)
     sim = centroid_sim.double().cpu()
-    return {"wordnet_wup_spearman": spearman(pick(sim), pick(wup)),
-            "wordnet_lch_spearman": spearman(pick(sim), pick(lch)),
-            "wordnet_cophenetic": pearson(pick(cophenetic(1 - sim)), pick(path))}
+    res = {"wordnet_wup_spearman": spearman(pick(sim), pick(wup)),
+           "wordnet_lch_spearman": spearman(pick(sim), pick(lch)),
+           "wordnet_cophenetic": pearson(pick(cophenetic(1 - sim)), pick(path))}
+    # Mantel test of the Wu-Palmer correlation: the same statistic with the centroids' classes shuffled (rows and
+    # columns together, 999 times); p = (1 + #{shuffled >= observed}) / 1000, the chance of that alignment by luck
+    rank = torch.zeros(C, C, dtype=torch.float64)
+    rank[pairs[0], pairs[1]] = ranks(pick(sim))
+    rank, target, g = rank + rank.T, ranks(pick(wup)), torch.Generator().manual_seed(0)
+    null = [pearson(pick(rank[p][:, p]), target) for p in (torch.randperm(C, generator=g) for _ in range(999))]
+    res["wordnet_wup_p"] = (1 + sum(n >= res["wordnet_wup_spearman"] - 1e-12 for n in null)) / 1000
+    return res
 
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half disk", "two dots", "frame")

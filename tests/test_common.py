@@ -457,6 +457,9 @@ def test_wordnet_alignment_on_a_hand_made_taxonomy(tmp_path, capsys):
     assert res["wordnet_wup_spearman"] == pytest.approx(3**0.5 / 2)
     assert res["wordnet_lch_spearman"] == pytest.approx(3**0.5 / 2)
     assert res["wordnet_cophenetic"] == pytest.approx(1.0)
+    # Mantel p-value: of the 6 orders of 3 classes, 2 (dog and cat in either order) reach the observed correlation,
+    # so 999 shuffles give p ~ 1/3 (binomial sd 0.015)
+    assert res["wordnet_wup_p"] == pytest.approx(1 / 3, abs=0.05)
     for wnids, where, words in ((["dog", "n00000004", "n00000006"], str(tmp_path), "WordNet noun ids"),
                                 (["n00000003", "n00000004", "n00000007"], str(tmp_path), "not in"),
                                 (["n00000003", "n00000004", "n00000006"], str(tmp_path / "none"), "no data.noun")):
