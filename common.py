@@ -758,9 +758,9 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024
     return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
 
 
-def knn_monitor(backbone, memory, val, stats, device):
-    """kNN top-1 (k=20) of `val` against the labelled images of `memory`."""
-    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, stats, device) for d in (memory, val))
+def knn_monitor(backbone, data, device):
+    """kNN top-1 (k=20) of data.val against the labelled images of data.memory (data: a Data of load_data)."""
+    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device) for d in (data.memory, data.val))
     return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
 
 

@@ -279,8 +279,7 @@ def train(args):
         record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
         common.check_finite(record["loss"], epoch)
         if run.monitor_due(epoch):
-            record["knn_top1"] = common.knn_monitor(dino.teacher.backbone, data.memory, data.val, data.stats,
-                                                    run.device)
+            record["knn_top1"] = common.knn_monitor(dino.teacher.backbone, data, run.device)
         run.save(record, model, dino.teacher.backbone, opt)  # last.pt, then the log line
     run.finish()
 

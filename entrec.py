@@ -55,9 +55,8 @@ def get_args(argv=None):
       "entropy and the reconstruction (paper: 10)")
     a("--entropy-estimator", choices=("average", "expectation"), help="simclr/byol: mean of -log p_i (average), or "
       "weighted by softmax_i(log p_i) (expectation); dino: only expectation, -sum_k pbar_k log pbar_k" + V)
-    a("--ema", type=common.number(float, 0, 1, open_hi=True),
-      help="byol/dino: target EMA start, cosine to 1 (BYOL: 0.99; 0: the online net "
-      "with stop-gradient). The target averages over ~1/(1-m) steps")
+    a("--ema", type=common.number(float, 0, 1, open_hi=True), help="byol/dino: target EMA start, cosine to 1 "
+      "(BYOL: 0.99; 0: the online net with stop-gradient). The target averages over ~1/(1-m) steps")
     a("--proj-hidden", type=common.COUNT, help="projector / predictor hidden width (BYOL: 4096; DINO head: 2048)")
     a("--proj-dim", type=common.number(int, 2), default=256, help="projection dimension (BYOL: 256); dino: the "
       "head's bottleneck (256)")
@@ -77,10 +76,9 @@ def get_args(argv=None):
     for name, value in VARIANTS[args.variant].items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.variant == "dino" and args.entropy_estimator == "average":
-        # the official code's discrete "average", -mean_k log(pbar_k + eps), is smallest (log K) at a uniform pbar and
-        # grows as pbar collapses onto few outputs: maximising it would undo what the entropy term is for
-        common.die("--entropy-estimator average is not an entropy on the discrete support (maximising -mean_k log "
-                   "pbar_k favours collapse); --variant dino uses expectation")
+        common.die("--entropy-estimator average is not an entropy on the discrete support (maximising the official "
+                   "-mean_k log(pbar_k + eps), smallest at a uniform pbar, favours collapse); --variant dino uses "
+                   "expectation")
     if args.global_crops != 2:
         common.die(f"EntRec uses 2 global crops (--global-crops 2), got {args.global_crops}")
     return args
@@ -233,10 +231,8 @@ class EntRec(nn.Module):
 
     def __init__(self, backbone, feat_dim, args):
         super().__init__()
-        if args.variant == "dino":
-            head = DINOHead(feat_dim, args.out_dim, args.proj_hidden, args.proj_dim, bn=not args.arch.startswith("vit"))
-        else:
-            head = mlp(feat_dim, args.proj_hidden, args.proj_dim)
+        head = (DINOHead(feat_dim, args.out_dim, args.proj_hidden, args.proj_dim, bn=not args.arch.startswith("vit"))
+                if args.variant == "dino" else mlp(feat_dim, args.proj_hidden, args.proj_dim))
         self.online = Online(backbone, head)
         self.predictor = mlp(args.proj_dim, args.proj_hidden, args.proj_dim) if args.variant == "byol" else None
         use_target = args.variant != "simclr" and args.ema > 0
@@ -296,8 +292,7 @@ def train(args):
         record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
         common.check_finite(record["loss"], epoch)
         if run.monitor_due(epoch):
-            record["knn_top1"] = common.knn_monitor(net.online.backbone, data.memory, data.val, data.stats,
-                                                    run.device)
+            record["knn_top1"] = common.knn_monitor(net.online.backbone, data, run.device)
         run.save(record, model, net.online.backbone, opt)  # last.pt, then the log line
     run.finish()
 

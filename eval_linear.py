@@ -224,6 +224,7 @@ def wordnet_similarities(parents, offsets):
         return memo[o]
     D = max(depth(o, longest, max) for o in parents)
     up = [hypernym_distances(parents, o) for o in offsets]
+    up_of = {}  # the same for each lowest common hypernym met
 
     def steps(u, v):  # the shortest path between two synsets, through the common hypernym that makes it shortest
         return min(u[c] + v[c] for c in u.keys() & v.keys())
@@ -238,21 +239,19 @@ def wordnet_similarities(parents, offsets):
             deepest = max(depth(c, shortest, min) for c in common)
             lcs = [c for c in common if depth(c, shortest, min) == deepest]
             lcs = offsets[i] if offsets[i] in lcs else min(lcs)
-            h, up_l = depth(lcs, longest, max) + 1, hypernym_distances(parents, lcs)
-            wup[i, j] = 2 * h / (steps(up[i], up_l) + steps(up[j], up_l) + 2 * h)
+            if lcs not in up_of:
+                up_of[lcs] = hypernym_distances(parents, lcs)
+            h = depth(lcs, longest, max) + 1
+            wup[i, j] = 2 * h / (steps(up[i], up_of[lcs]) + steps(up[j], up_of[lcs]) + 2 * h)
             lch[i, j] = -math.log((path[i, j].item() + 1) / (2 * D))
     return wup, lch, path
 
 
 def ranks(x):
-    """Ranks 1..n of the entries of x (1-D), ties sharing their average rank (as Spearman's correlation needs)."""
-    order = x.argsort()
-    r = torch.empty_like(x, dtype=torch.float64)
-    r[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for v in x.unique():  # ties: the mean of the ranks they occupy
-        tie = x == v
-        r[tie] = r[tie].mean()
-    return r
+    """Ranks 1..n of the entries of x (1-D), ties sharing their average rank (as Spearman's correlation needs): a value
+    seen c times whose last copy has sorted position r gets r - (c - 1) / 2."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)  # values sorted ascending
+    return (counts.cumsum(0) - (counts - 1) / 2).double()[inverse]
 
 
 def pearson(a, b):
@@ -278,9 +277,9 @@ def cophenetic(dist):
         flat = int(sub.argmin())
         a, b = keys[flat // len(keys)], keys[flat % len(keys)]
         h = d[a, b].item()
-        for i in clusters[a]:
-            for j in clusters[b]:
-                coph[i, j] = coph[j, i] = h
+        ia, ib = torch.tensor(clusters[a]), torch.tensor(clusters[b])
+        coph[ia[:, None], ib[None, :]] = h
+        coph[ib[:, None], ia[None, :]] = h
         na, nb = len(clusters[a]), len(clusters[b])
         merged = (na * d[a] + nb * d[b]) / (na + nb)  # average linkage: the size-weighted mean of the two rows
         d[a], d[:, a] = merged, merged
@@ -301,11 +300,17 @@ def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
     if not os.path.isfile(data):
         common.die(f"--wordnet {wordnet_dir}: no data.noun there (WordNet 3.0 database files; Debian's wordnet-base "
                    f"installs them in /usr/share/wordnet)")
-    parents = read_wordnet(data)
+    try:
+        parents = read_wordnet(data)
+    except (ValueError, IndexError):  # a field that is not a number, or a line cut short
+        common.die(f"{data} is not in WordNet's database format (wndb: offset lex_filenum ss_type w_cnt ...)")
     missing = [w for w in wnids if w[1:] not in parents]
     if missing:
         common.die(f"{len(missing)} classes are not in {data} (first: {missing[0]}): is it WordNet 3.0?")
-    wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids])
+    try:
+        wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids])
+    except (ValueError, KeyError) as e:  # no common hypernym, or a hypernym pointer to a synset the file lacks
+        common.die(f"{data}: the WordNet graph of these classes is incomplete ({e})")
     C = len(wnids)
     pairs = torch.triu_indices(C, C, 1)
     pick = lambda m: m[pairs[0], pairs[1]]  # noqa: E731  (the C (C - 1) / 2 class pairs)

@@ -256,7 +256,7 @@ def train(args):
         if args.save_recon and run.rank == 0:
             save_recon(mae, imgs, args, data.stats, os.path.join(args.out_dir, f"recon_{epoch + 1:04d}.png"))
         if run.monitor_due(epoch):
-            record["knn_top1"] = common.knn_monitor(backbone, data.memory, data.val, data.stats, run.device)
+            record["knn_top1"] = common.knn_monitor(backbone, data, run.device)
         run.save(record, model, backbone, opt)  # last.pt, then the log line
     run.finish()
 

@@ -79,7 +79,8 @@ def random_init_knn(train, val, width=8, size=32):
     torch.manual_seed(0)
     net, _ = common.build_backbone("resnet18", size, width)
     x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
-    return common.knn_monitor(net, train, val, (x.mean((0, 2, 3)), x.std((0, 2, 3))), torch.device("cpu"))
+    stats = x.mean((0, 2, 3)), x.std((0, 2, 3))
+    return common.knn_monitor(net, common.Data(None, train, val, stats), torch.device("cpu"))
 
 
 def log_vmf_normalizer_by_quadrature(d, kappa, n=20000):

@@ -168,7 +168,8 @@ def test_geometry_closed_forms():
     assert g["d_prime"] == pytest.approx(65 / (250 / 3) ** 0.5, rel=1e-5)
     # beside them, Wang & Isola's pair: orthonormal rows, uniformity -4; alignment mean(2 - 2 cos t)
     assert g["uniformity"] == pytest.approx(-4.0, abs=1e-9)
-    assert g["alignment"] == pytest.approx(sum(2 - 2 * math.cos(math.radians(d)) for d in (10, 20, 30, 40)) / 4, rel=1e-6)
+    expected_alignment = sum(2 - 2 * math.cos(math.radians(d)) for d in (10, 20, 30, 40)) / 4
+    assert g["alignment"] == pytest.approx(expected_alignment, rel=1e-6)
 
 
 def test_alignment_and_uniformity_closed_forms():
@@ -449,8 +450,8 @@ def test_wordnet_alignment_on_a_hand_made_taxonomy(tmp_path, capsys):
     assert lch[0, 1].item() == pytest.approx(math.log(4 / 3)) and lch[0, 2].item() == pytest.approx(math.log(4 / 5))
     assert lch[0, 0].item() == pytest.approx(math.log(4))
     # Centroid cosines over the pairs (dog-cat, dog-tree, cat-tree) 0.9, 0.1, 0.2: ranks 3, 1, 2; Wu-Palmer's 2/3, 1/3,
-    # 1/3 rank 3, 1.5, 1.5. Spearman = Pearson of the centred ranks (1, -1, 0) and (1, -0.5, -0.5): 1.5 / (sqrt 2 sqrt 1.5)
-    # = sqrt(3) / 2; Leacock-Chodorow ranks alike. Average linkage on 1 - cosine: dog+cat merge at 0.1, tree joins at
+    # 1/3 rank 3, 1.5, 1.5. Spearman = Pearson of the centred ranks (1, -1, 0) and (1, -0.5, -0.5):
+    # 1.5 / (sqrt 2 sqrt 1.5) = sqrt(3) / 2; Leacock-Chodorow ranks alike. Average linkage on 1 - cosine: dog+cat merge at 0.1, tree joins at
     # (0.9 + 0.8) / 2 = 0.85; cophenetic (0.1, 0.85, 0.85) against the paths (2, 4, 4): proportional once centred -> 1.
     sim = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
     res = ev.wordnet_alignment(sim, ["n00000003", "n00000004", "n00000006"], str(tmp_path))
@@ -460,7 +461,10 @@ def test_wordnet_alignment_on_a_hand_made_taxonomy(tmp_path, capsys):
     # Mantel p-value: of the 6 orders of 3 classes, 2 (dog and cat in either order) reach the observed correlation,
     # so 999 shuffles give p ~ 1/3 (binomial sd 0.015)
     assert res["wordnet_wup_p"] == pytest.approx(1 / 3, abs=0.05)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "data.noun").write_text("00000003 05 n 01 dog\n")  # a line cut short
     for wnids, where, words in ((["dog", "n00000004", "n00000006"], str(tmp_path), "WordNet noun ids"),
+                                (["n00000003"], str(tmp_path / "bad"), "not in WordNet's database format"),
                                 (["n00000003", "n00000004", "n00000007"], str(tmp_path), "not in"),
                                 (["n00000003", "n00000004", "n00000006"], str(tmp_path / "none"), "no data.noun")):
         with pytest.raises(SystemExit, match=words):

@@ -65,8 +65,8 @@ def get_args():
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "real"))
     p.add_argument("--time-limit", type=float, default=0, help="stop after about this many seconds (0: no limit), "
                    "between epochs of a run, and print how to continue (for a job slot of fixed length)")
-    p.add_argument("--wordnet", metavar="DIR", help="also evaluate the WordNet alignment (eval_linear.py --wordnet DIR; "
-                   "the classes must be WordNet ids, as tin100's are)")
+    p.add_argument("--wordnet", metavar="DIR", help="also evaluate the WordNet alignment (eval_linear.py --wordnet "
+                   "DIR; the classes must be WordNet ids, as tin100's are)")
     return p.parse_args()
 
 
@@ -111,7 +111,7 @@ def monitor_knn(ck, args):
     data = common.load_data(run, torch.device("cpu"))
     backbone, _ = common.build_backbone(saved["args"]["arch"], args.image_size, args.width)
     backbone.load_state_dict(saved["backbone"])
-    return common.knn_monitor(backbone, data.memory, data.val, data.stats, torch.device("cpu"))
+    return common.knn_monitor(backbone, data, torch.device("cpu"))
 
 
 def read_json(path):
