@@ -156,13 +156,14 @@ def find_resume(args):
 
 
 # ==== Data: uint8 images (N, 3, H, W) + int64 labels (N,) (-1: none) ==================================================
-Split = collections.namedtuple("Split", "images labels")
+Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))  # masks: uint8 (N, H, W) or None
 
 
 @functools.lru_cache(maxsize=4)  # made once per process (read-only afterwards)
 def synthetic(n, seed, size=32):
     """Ten shape kinds (the label) with nuisances the SSL augmentations remove: a colour from a palette of four,
-    position, scale, slight rotation, a dark background with a random shading gradient, pixel noise."""
+    position, scale, slight rotation, a dark background with a random shading gradient, pixel noise. The masks
+    label each pixel 0 (background) or 1 + the shape's kind (where at least half of it is inside the shape)."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
@@ -197,7 +198,8 @@ def synthetic(n, seed, size=32):
     shade = 0.25 * (u(n, 1, 1, 1) - 0.5) * (gx + gy - 1)  # a random linear gradient over the image
     img = mask * fg + (1 - mask) * (bg + shade)
     img = F.avg_pool2d(img, 2) + 0.04 * torch.randn(n, 3, size, size, generator=g)
-    return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), y)
+    masks = ((F.avg_pool2d(mask, 2)[:, 0] >= 0.5) * (y.view(-1, 1, 1) + 1)).to(torch.uint8)  # 0 background, 1 + kind
+    return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), y, masks)
 
 
 def _read(files, size):
@@ -356,7 +358,7 @@ def subset(data, n, seed=0):
     if not n or n >= len(data.images):
         return data
     keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Split(data.images[keep], data.labels[keep])
+    return Split(data.images[keep], data.labels[keep], None if data.masks is None else data.masks[keep])
 
 
 Data = collections.namedtuple("Data", "images memory val stats")  # pretraining images on the device, kNN splits, stats

@@ -202,11 +202,13 @@ def clip_gradients(model, clip):
 
 @torch.no_grad()
 def teacher_entropy(p_t):
-    """Mean entropy H of the teacher targets P_t (list of (N, K)) and KL(P_t || uniform) = log K - H, the two
-    collapse signals DINO tracks, as a (2,) tensor on the device (no host sync)."""
+    """Of the teacher targets P_t (list of (N, K)): their mean entropy H(P_t) and KL(P_t || uniform) = log K - H, the
+    two collapse signals DINO tracks, and the entropy H(mean_i P_t,i) of the batch-mean target, the entropy term of
+    the ER bound (Rodriguez-Galvez et al. 2023; its reconstruction term is the loss, the cross-entropy H(P_t, P_s)).
+    -> a (3,) tensor on the device (no host sync); the batch mean is this rank's."""
     p = torch.cat(p_t)
-    h = -torch.special.xlogy(p, p).sum(-1).mean()
-    return torch.stack([h, math.log(p.shape[1]) - h])
+    h, p_bar = -torch.special.xlogy(p, p).sum(-1).mean(), p.mean(0)
+    return torch.stack([h, math.log(p.shape[1]) - h, -torch.special.xlogy(p_bar, p_bar).sum()])
 
 
 class Net(nn.Module):
@@ -273,8 +275,8 @@ def train(args):
             opt.step()
             ema_update(dino.teacher, dino.student, common.cosine(step, total, args.momentum_teacher,
                                                                  args.momentum_teacher_end))
-            entropy, kl_uniform = teacher_entropy(p_t)
-            metrics.add(loss=loss, teacher_entropy=entropy, kl_uniform=kl_uniform)
+            entropy, kl_uniform, batch_entropy = teacher_entropy(p_t)
+            metrics.add(loss=loss, teacher_entropy=entropy, kl_uniform=kl_uniform, entropy=batch_entropy)
             common.check_finite(metrics["loss"], epoch, i)
         record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
         common.check_finite(record["loss"], epoch)

@@ -19,7 +19,18 @@ images and of the held-out split are extracted once (no augmentation, normalised
     similarities of the classes, and the cophenetic correlation of an average-linkage clustering of the centroids
     with the WordNet path lengths; a Mantel permutation test gives the Wu-Palmer correlation a p-value. WordNet is
     read from its 3.0 database file data.noun by a few lines here (no NLTK; the similarities equal NLTK's). The
-    paper's third column, MiniLM text-embedding similarities, needs a text model and is not computed.
+    paper's third column, MiniLM text-embedding similarities, needs a text model and is not computed;
+  * with --dense [SOURCE], the paper's Table II: a linear probe of every pixel's hypercolumn (the backbone's feature
+    maps upsampled and concatenated: a ResNet's stem and stages, a ViT's patch tokens after 4 evenly spaced blocks),
+    20 epochs of AdamW, pixel accuracy and mIoU of held-out masks beside predicting the most frequent class
+    everywhere. Masks: the synthetic shapes' (each pixel 0 or 1 + the shape's kind), PASCAL VOC 2012 (torchvision,
+    at the checkpoint's image size: the paper's VOC numbers are of ImageNet-sized backbones), or a folder of images/
+    and masks/;
+  * with --pictures, where the backbone looks (the paper's Figs. 2-4) as <checkpoint>.pictures.png: a ViT's CLS
+    attention averaged over blocks and heads and per head of the last block, or a SmoothGrad saliency (any
+    backbone; see `smoothgrad` for which gradient and why), beside the first 3 principal components of the
+    hypercolumns as colours; on images with masks, the foreground share of the map's mass against the object's share
+    of the pixels (the share of a uniform map), over up to 256 images.
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
@@ -31,6 +42,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from tqdm import tqdm
 
 import common
@@ -55,6 +67,14 @@ def get_args(argv=None):
     p.add_argument("--wordnet", metavar="DIR", help="also correlate the class centroids with WordNet (classes named by "
                    "WordNet noun ids, e.g. tinyimagenet): DIR holds WordNet 3.0's data.noun (Debian's wordnet-base: "
                    "/usr/share/wordnet)")
+    p.add_argument("--dense", nargs="?", const="auto", metavar="SOURCE", help="also train the dense segmentation "
+                   "probe on hypercolumns (HyDeS paper, Table II) on the masks of SOURCE: synthetic (the default for a "
+                   "synthetic checkpoint), voc (PASCAL VOC 2012 in --data-dir) or a folder with images/ and masks/")
+    p.add_argument("--dense-epochs", type=common.COUNT, default=20, help="dense-probe epochs (paper: 20)")
+    p.add_argument("--pictures", nargs="?", const="auto", choices=("auto", "attention", "saliency"),
+                   help="also draw where the backbone looks (attention for a ViT, SmoothGrad saliency otherwise) and "
+                   "the hypercolumn PCA as <checkpoint>.pictures.png, on --dense's images (with their masks: the "
+                   "foreground share) or the held-out split")
     p.add_argument("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip undecodable files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe and of the geometry's augmentations")
@@ -328,6 +348,278 @@ def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
     return res
 
 
+# ==== Dense: hypercolumns, the segmentation probe (Table II), where the backbone looks (Figs. 2-4) ====================
+def feature_maps(backbone, x, blocks=4):
+    """The per-layer feature maps of a hypercolumn, each (B, C_l, H_l, W_l): a ResNet's stem output and each stage's
+    (5 maps, strides 1, 1, 2, 4, 8 on the CIFAR stem); a ViT's patch tokens after `blocks` evenly spaced blocks (the
+    last one after the final LayerNorm), as (B, D, S / p, S / p) grids."""
+    if isinstance(backbone, common.ResNet):
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+        maps = [x]
+        for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+            maps.append(x := stage(x))
+        return maps
+    layers = backbone.encoder.layers
+    keep = {len(layers) * (k + 1) // blocks - 1 for k in range(blocks)}
+    g = x.shape[-1] // backbone.patch_size
+    x = backbone.tokens(x)
+    x = torch.cat([backbone.class_token.expand(len(x), -1, -1), x], 1) + backbone.pos_embed(x.shape[1])
+    maps = []
+    for i, block in enumerate(layers):
+        x = block(x)
+        if i in keep:
+            t = backbone.encoder.ln(x) if i == len(layers) - 1 else x
+            maps.append(t[:, 1:].transpose(1, 2).reshape(len(x), -1, g, g))
+    return maps
+
+
+class DenseProbe(torch.nn.Module):
+    """A linear classifier of every pixel's hypercolumn (the concatenation of the feature maps upsampled bilinearly to
+    the image size), each channel standardised first (BatchNorm without affine, its running statistics at test time).
+    Upsampling is linear and a 1x1 classifier acts per channel, so it is computed as the sum over layers of the
+    upsampled K-channel logits of each layer at its own resolution: the same function, without materialising a
+    (B, sum C_l, S, S) tensor."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.BatchNorm2d(c, affine=False) for c in channels)
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(c, classes, 1, bias=False) for c in channels)
+        self.bias = torch.nn.Parameter(torch.zeros(classes, 1, 1))
+        for h in self.heads:  # from uniform predictions, as linear probes start
+            torch.nn.init.zeros_(h.weight)
+
+    def forward(self, maps, size):  # list of (B, C_l, H_l, W_l) -> (B, K, size, size) logits
+        return self.bias + sum(F.interpolate(h(n(m)), size=size, mode="bilinear", align_corners=False)
+                               for m, n, h in zip(maps, self.norms, self.heads))
+
+
+def segmentation_scores(confusion):
+    """From a (K, K) confusion matrix (rows: true class, columns: predicted) -> (pixel accuracy, mIoU) in percent;
+    IoU_c = TP / (TP + FP + FN), averaged over the classes present in the truth or the predictions."""
+    c = confusion.double()
+    tp, union = c.diagonal(), c.sum(0) + c.sum(1) - c.diagonal()
+    return (tp.sum() / c.sum()).item() * 100, (tp[union > 0] / union[union > 0]).mean().item() * 100
+
+
+def confusion_matrix(pred, truth, classes, ignore=255):
+    """(K, K) counts of (true, predicted) over the pixels whose truth is not `ignore` (VOC's void)."""
+    keep = truth != ignore
+    return torch.bincount(truth[keep].long() * classes + pred[keep].long(), minlength=classes**2).view(classes, classes)
+
+
+def dense_probe(backbone, train, val, stats, device, epochs=20, lr=1e-3, batch_size=32, seed=0):
+    """The HyDeS paper's Table II protocol: a linear probe on the frozen backbone's hypercolumns (see DenseProbe)
+    trained with AdamW (lr 1e-3, batch 32, 20 epochs, cosine lr), cross-entropy over the labelled pixels (255: void,
+    ignored), feature maps computed batch by batch (memory stays one batch). -> pixel accuracy and mIoU of the
+    held-out masks, beside the same scores of predicting the most frequent training class everywhere."""
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    prep = lambda x: (x.to(device).float() / 255 - mean) / std  # noqa: E731
+    labels = torch.cat([train.masks.flatten(), val.masks.flatten()])
+    classes = int(labels[labels != 255].max()) + 1
+    backbone.eval()
+    with torch.no_grad():
+        channels = [m.shape[1] for m in feature_maps(backbone, prep(train.images[:2]))]
+    torch.manual_seed(seed)
+    probe = DenseProbe(channels, classes).to(device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    steps = math.ceil(len(train.images) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
+    size = train.images.shape[-1]
+    for _ in tqdm(range(epochs), desc="dense probe", leave=False):
+        for idx in torch.randperm(len(train.images)).split(batch_size):
+            with torch.no_grad():
+                maps = [m.float() for m in feature_maps(backbone, prep(train.images[idx]))]
+            loss = F.cross_entropy(probe(maps, size), train.masks[idx].to(device).long(), ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    probe.eval()
+    confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for i in range(0, len(val.images), 256):
+            pred = probe(feature_maps(backbone, prep(val.images[i: i + 256])), size).argmax(1)
+            confusion += confusion_matrix(pred, val.masks[i: i + 256].to(device), classes)
+    counts = torch.bincount(train.masks[train.masks != 255].long(), minlength=classes)
+    always = torch.zeros(classes, classes, dtype=torch.long, device=device)
+    always[:, counts.argmax()] = confusion.sum(1)  # every pixel predicted as the most frequent class
+    (acc, miou), (base_acc, base_miou) = segmentation_scores(confusion), segmentation_scores(always)
+    return {"dense_pixel_acc": acc, "dense_miou": miou, "dense_baseline_pixel_acc": base_acc,
+            "dense_baseline_miou": base_miou, "dense_classes": classes}
+
+
+def read_segmentation(pairs, size, where):
+    """(image file, mask file) pairs -> a Split of uint8 images (N, 3, size, size) and masks (N, size, size): the
+    shorter side resized to `size` (images bilinear, masks nearest: their values are class indices), then the centre
+    square."""
+    from PIL import Image
+    tf = torchvision.transforms
+    image_tf = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    mask_tf = tf.Compose([tf.Resize(size, tf.InterpolationMode.NEAREST), tf.CenterCrop(size), tf.PILToTensor()])
+    images, masks = [], []
+    for image, mask in tqdm(pairs, desc=f"reading {where}", leave=False):
+        try:
+            with Image.open(image) as im, Image.open(mask) as m:
+                if m.mode not in ("L", "P"):
+                    common.die(f"{mask}: a mask must be a one-channel image of class indices (mode L or P), not "
+                               f"{m.mode}")
+                images.append(image_tf(im.convert("RGB")))
+                masks.append(mask_tf(m)[0])
+        except OSError as e:
+            common.die(f"cannot read {image} or {mask} [{type(e).__name__}: {e}]")
+    return common.Split(torch.stack(images), torch.full((len(images),), -1), torch.stack(masks))
+
+
+def segmentation_data(source, name, kw, size):
+    """The (train, val) Splits with masks of --dense SOURCE: 'synthetic' or 'auto' (checked: a synthetic checkpoint's
+    shape masks), 'voc' (PASCAL VOC 2012
+    through torchvision, in --data-dir), or a folder with images/ and masks/ (a mask per image, the same file stem, a
+    PNG of class indices, 255 ignored; a fixed random fifth held out)."""
+    if source == "auto" and name == "synthetic" or source == "synthetic":
+        return (common.get_dataset("synthetic", split=s, seed=kw["seed"]) for s in ("memory", "val"))
+    if source == "voc":
+        try:
+            sets = [torchvision.datasets.VOCSegmentation(kw["data_dir"], "2012", s, download=kw["download"])
+                    for s in ("train", "val")]
+        except Exception as e:  # missing (RuntimeError) or offline (URLError, OSError)
+            common.die(f"PASCAL VOC 2012 could not be found or downloaded in --data-dir {kw['data_dir']} "
+                       f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]: put VOCtrainval_11-May-2012"
+                       f".tar (or its VOCdevkit folder) there, or use --dense DIR with images/ and masks/")
+        return (read_segmentation(list(zip(d.images, d.masks)), size, f"VOC 2012 {d.image_set}") for d in sets)
+    folders = [os.path.join(source, f) for f in ("images", "masks")]
+    if not all(os.path.isdir(f) for f in folders):
+        common.die(f"--dense {source}: expected the folders {folders[0]} and {folders[1]} (or: synthetic, voc)")
+    images, masks = ({os.path.splitext(f)[0]: os.path.join(d, f) for f in sorted(os.listdir(d))
+                      if f.lower().endswith(common.IMG_EXTENSIONS)} for d in folders)  # file stem -> path
+    if not images or (lost := sorted(images.keys() - masks.keys())):
+        common.die(f"--dense {source}: " + (f"no mask in {folders[1]} for {images[lost[0]]} ({len(lost)} images "
+                                            f"without one)" if images else f"no image files in {folders[0]}"))
+    pairs = [(images[k], masks[k]) for k in sorted(images)]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))
+    held = set(order[: max(1, len(pairs) // 5)].tolist())
+    return (read_segmentation([p for i, p in enumerate(pairs) if (i in held) == v], size, source) for v in (0, 1))
+
+
+def cls_attention(vit, x):
+    """CLS-to-patch attention of every block and head of a ViT, (B, blocks, heads, S / p, S / p), each map summing to
+    1 over the patches (the share the CLS token gives itself left out). torchvision's blocks do not return their
+    weights, so each block is run here as its forward does (x + attn(ln_1 x), then + mlp(ln_2 x)), asking the
+    attention for them."""
+    g = x.shape[-1] // vit.patch_size
+    x = vit.tokens(x)
+    x = torch.cat([vit.class_token.expand(len(x), -1, -1), x], 1) + vit.pos_embed(x.shape[1])
+    maps = []
+    for block in vit.encoder.layers:
+        y = block.ln_1(x)
+        y, w = block.self_attention(y, y, y, need_weights=True, average_attn_weights=False)  # w (B, heads, T, T)
+        x = x + block.dropout(y)
+        x = x + block.mlp(block.ln_2(x))
+        a = w[:, :, 0, 1:]
+        maps.append((a / a.sum(-1, keepdim=True)).reshape(len(x), -1, g, g))
+    return torch.stack(maps, 1)
+
+
+def smoothgrad(backbone, x, samples=16, noise=0.15, seed=0):
+    """SmoothGrad (Smilkov et al. 2017) of the norm of the backbone feature ||f(x)||: the gradient averaged over
+    `samples` copies of x with Gaussian noise of std `noise` x (max - min of x), then per pixel the largest absolute
+    value over the colour channels -> (B, S, S). The backbone feature rather than a projector's, so every method's
+    checkpoint is read the same way (eval keeps only the backbone); its norm rather than the similarity to another
+    crop, which would depend on the crop drawn."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    sigma = noise * (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
+    total = torch.zeros_like(x)
+    for _ in range(samples):
+        xn = (x + sigma * torch.randn(x.shape, generator=g, device=x.device)).requires_grad_(True)
+        backbone(xn).norm(dim=1).sum().backward()
+        total += xn.grad
+    return (total / samples).abs().amax(1)
+
+
+def hypercolumn_pca(backbone, x, size=64):
+    """The first three principal components of the hypercolumns of the images x (feature maps upsampled to at most
+    `size` px, each channel standardised), taken over all their pixels together, each scaled to [0, 1] between its
+    1st and 99th percentile -> (B, 3, s, s) colours: pixels the backbone describes alike get alike colours."""
+    s = min(size, x.shape[-1])
+    cols = torch.cat([F.interpolate(m.float(), size=s, mode="bilinear", align_corners=False)
+                      for m in feature_maps(backbone, x)], 1)  # (B, C, s, s)
+    v = cols.permute(0, 2, 3, 1).reshape(-1, cols.shape[1]).double()
+    v = (v - v.mean(0)) / (v.std(0) + 1e-6)
+    pcs = v @ torch.linalg.svd(v, full_matrices=False).Vh[:3].T  # (B s s, 3)
+    lo, hi = torch.quantile(pcs, 0.01, dim=0), torch.quantile(pcs, 0.99, dim=0)
+    pcs = ((pcs - lo) / (hi - lo + 1e-12)).clamp(0, 1).float()
+    return pcs.reshape(len(x), s, s, 3).permute(0, 3, 1, 2)
+
+
+def foreground_share(maps, masks):
+    """Of non-negative maps (N, H, W) over images with masks (N, S, S) (0 background, 255 void, else an object):
+    per image the share of the map's mass on object pixels, and the object's share of the pixels, which a uniform
+    map gets (void pixels left out of both). A map coarser than the mask is spread evenly over the
+    pixels of each of its cells."""
+    if maps.shape[-1] != masks.shape[-1]:
+        maps = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="nearest")[:, 0]
+    obj, valid = ((masks != 0) & (masks != 255)).float(), (masks != 255).float()
+    share = (maps * obj).sum((1, 2)) / (maps * valid).sum((1, 2)).clamp_min(1e-30)
+    return share, obj.sum((1, 2)) / valid.sum((1, 2)).clamp_min(1)  # (N,), (N,)
+
+
+def heat(v):
+    """Values (..., H, W) in [0, 1] -> colours (..., 3, H, W), black - red - yellow - white."""
+    return torch.stack([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], -3)
+
+
+def save_pictures(columns, path, cell=96):
+    """A grid (rows: images; columns: (title, (N, 3, h, w) colours in [0, 1])) as a PNG, each picture scaled to
+    `cell` px (nearest: a 32 px image stays crisp), the titles on top."""
+    from PIL import Image, ImageDraw
+    n, top = len(columns[0][1]), 16
+    img = Image.new("RGB", (len(columns) * (cell + 4) + 4, top + n * (cell + 4) + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for j, (title, pics) in enumerate(columns):
+        draw.text((4 + j * (cell + 4), 2), title, fill="black")
+        pics = F.interpolate(pics.float().cpu(), size=(cell, cell), mode="nearest").clamp(0, 1)
+        for i, p in enumerate(pics):
+            tile = Image.fromarray((p.permute(1, 2, 0) * 255).round().byte().numpy())
+            img.paste(tile, (4 + j * (cell + 4), top + 4 + i * (cell + 4)))
+    img.save(path)
+
+
+def pictures(backbone, split, stats, device, kind, path, show=6, measure=256):
+    """Where the backbone looks, on `show` images spread over `split`: a PNG grid of each image with its map overlaid
+    (ViT, kind 'attention': the CLS attention averaged over blocks and heads, then each head of the last block;
+    kind 'saliency': SmoothGrad, any backbone) and the hypercolumn PCA; with masks, the foreground share of the
+    maps over the first `measure` images (see foreground_share). -> the numbers for the JSON."""
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    backbone.eval()
+
+    def maps(x):  # -> (mean map (B, h, w), [per-head maps]) of normalised images x
+        if kind == "saliency":
+            return smoothgrad(backbone, x), []
+        with torch.no_grad():
+            a = cls_attention(backbone, x)  # (B, blocks, heads, g, g)
+        return a.mean((1, 2)), list(a[:, -1].unbind(1))
+
+    x = split.images[torch.linspace(0, len(split.images) - 1, show).long()].to(device)  # spread over a sorted split
+    xn = (x.float() / 255 - mean) / std
+    avg, heads = maps(xn)
+    with torch.no_grad():
+        pca = hypercolumn_pca(backbone, xn)
+    picture = x.float() / 255
+    overlay = lambda m: 0.45 * picture + 0.55 * heat(  # noqa: E731  (each map scaled by its own maximum)
+        F.interpolate((m / m.amax((1, 2), keepdim=True).clamp_min(1e-30))[:, None], size=x.shape[-2:],
+                      mode="nearest")[:, 0])
+    title = "attention" if kind == "attention" else "SmoothGrad"
+    columns = [("image", picture), (title, overlay(avg))] + [(f"head {h}", overlay(m)) for h, m in enumerate(heads)]
+    with common.writing(path):
+        save_pictures(columns + [("PCA", pca)], path)
+    out = {"pictures": path, "pictures_map": kind}
+    if split.masks is not None:
+        shares = [foreground_share(maps((split.images[i: i + 32].to(device).float() / 255 - mean) / std)[0].detach(),
+                                   split.masks[i: i + 32].to(device))
+                  for i in range(0, min(measure, len(split.images)), 32)]
+        out["foreground_share"], out["foreground_area"] = (torch.cat(v).mean().item() for v in zip(*shares))
+    return out
+
+
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half disk", "two dots", "frame")
 
 
@@ -340,7 +632,6 @@ def folder_root(name, data_dir):
 
 def class_wnids(name, data_dir):
     """The class folder names (sorted, as the labels are) of a folder-like dataset, for --wordnet."""
-    import torchvision
     if name not in ("folder", "tinyimagenet"):
         common.die(f"--wordnet needs a dataset whose classes are WordNet ids (folder, tinyimagenet), not {name}")
     return torchvision.datasets.folder.find_classes(os.path.join(folder_root(name, data_dir), "train"))[0]
@@ -350,7 +641,6 @@ def class_names(name, data_dir, count):
     """Readable names of the classes 0..count-1: torchvision's for CIFAR and STL-10, the shapes of synthetic, the
     folder names for folder and Tiny-ImageNet, or for a wnid the first name that a words.txt beside train/ gives it
     (lines "wnid<TAB>names", as Tiny-ImageNet ships it)."""
-    import torchvision
     names = []
     with contextlib.suppress(Exception):  # no names found: the class numbers
         if name == "synthetic":
@@ -418,6 +708,12 @@ def main(args):
         if not os.path.isfile(os.path.join(args.wordnet, "data.noun")):
             common.die(f"--wordnet {args.wordnet}: no data.noun there (WordNet 3.0 database files; Debian's "
                        f"wordnet-base installs them in /usr/share/wordnet)")
+    kind = args.pictures if args.pictures != "auto" else "attention" if saved["arch"].startswith("vit") else "saliency"
+    if kind == "attention" and not saved["arch"].startswith("vit"):
+        common.die(f"--pictures attention needs a ViT checkpoint (this one is {saved['arch']}): --pictures saliency")
+    if args.dense == "auto" and name != "synthetic":
+        common.die(f"the {name} dataset has no segmentation masks: --dense voc (PASCAL VOC 2012), or --dense DIR "
+                   f"with DIR/images and DIR/masks")
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
               skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
@@ -425,6 +721,8 @@ def main(args):
     memory = common.subset(common.Split(memory.images[labelled], memory.labels[labelled]), args.limit)
     val = common.subset(val, args.limit)
     size = memory.images.shape[-1]
+    source = args.dense or ("synthetic" if name == "synthetic" and args.pictures else None)  # where masks come from
+    seg = [common.subset(s, args.limit) for s in segmentation_data(source, name, kw, size)] if source else None
     pool = args.pool or saved.get("pool", "cls")
     backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), pool,
                                         saved.get("patch_size"))
@@ -465,6 +763,10 @@ def main(args):
         sim, present = centroid_similarities(te_f, te_y)
         wnids = [w for w, p in zip(class_wnids(name, data_dir), present.tolist()) if p]
         res.update(wordnet_alignment(sim, wnids, args.wordnet))
+    if args.dense:
+        res.update(dense_probe(backbone, *seg, stats, device, args.dense_epochs, seed=args.seed))
+    if args.pictures:
+        res.update(pictures(backbone, seg[1] if seg else val, stats, device, kind, base + ".pictures.png"))
     out = base + ".eval.json"
     with common.writing(out), open(out, "w") as f:
         json.dump(res, f, indent=1)

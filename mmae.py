@@ -25,6 +25,7 @@ Offline: python mmae.py --dataset synthetic --arch vit_tiny --epochs 20 --device
 Results: README.md.
 """
 import argparse
+import math
 import os
 
 import torch
@@ -195,6 +196,21 @@ class MAE(nn.Module):
 
 
 @torch.no_grad()
+def matrix_information(z1, z2):
+    """Matrix-based Renyi entropies of order 2 (Giraldo et al. 2015; the paper's Sec. 3) of two views' Gram matrices
+    K_v = Z_v Z_v^T, Z_v (B, d) with rows L2-normalised (so tr K_v = B). With A = K / tr K, H_2(A) = -log tr(A^2); the
+    joint entropy is H_2 of K_1 o K_2 / tr(K_1 o K_2) (o: entrywise) and I_2 = H_2(K_1) + H_2(K_2) - H_2(K_1, K_2).
+    The traces are sums of squared cosines c_v,ij = z_v,i . z_v,j, which gives I_2 in closed form (Prop. 4.1):
+        H_2(K_v) = 2 log B - log sum_ij c_v,ij^2,      H_2(K_1, K_2) = 2 log B - log sum_ij c_1,ij^2 c_2,ij^2.
+    Orthonormal rows: every entropy is log B; identical rows: 0. -> {"matrix_entropy": the mean of the two views'
+    H_2, "matrix_joint_entropy", "matrix_mi"}, floats."""
+    z1, z2 = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
+    c1, c2 = (z1 @ z1.T) ** 2, (z2 @ z2.T) ** 2  # (B, B) squared cosines
+    h1, h2, joint = (2 * math.log(len(z1)) - c.sum().log().item() for c in (c1, c2, c1 * c2))
+    return {"matrix_entropy": (h1 + h2) / 2, "matrix_joint_entropy": joint, "matrix_mi": h1 + h2 - joint}
+
+
+@torch.no_grad()
 def uncentred_effective_rank(z):
     """exp(entropy of the normalised singular values) of the row-normalised, uncentred batch features (a float;
     eval_linear.effective_rank centres them first)."""
@@ -257,6 +273,9 @@ def train(args):
             save_recon(mae, imgs, args, data.stats, os.path.join(args.out_dir, f"recon_{epoch + 1:04d}.png"))
         if run.monitor_due(epoch):
             record["knn_top1"] = common.knn_monitor(backbone, data, run.device)
+            with torch.no_grad():  # two views: the last batch under two more random masks
+                views = [common.gather(mae(imgs, args.mask_ratio, g)[2]) for _ in range(2)]
+            record.update(matrix_information(*views))
         run.save(record, model, backbone, opt)  # last.pt, then the log line
     run.finish()
 

@@ -14,6 +14,7 @@ Differs: SGD with momentum (lr 0.3 x batch/256, wd 5e-4, cosine) instead of the 
 batches of 1024 and more; the projector is SimCLR v2's 3-layer MLP. Results: README.md.
 """
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,19 @@ def nt_xent(z1, z2, temperature=0.2):
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # p(i): the other view
     return F.cross_entropy(logits, positive)  # mean over the 2N anchors of -log softmax_k(s_ik/t)[p(i)]
+
+
+@torch.no_grad()
+def er_terms(z1, z2, temperature=0.2):
+    """The two terms of the ER bound (Rodriguez-Galvez et al. 2023) inside NT-Xent, a vMF kernel of kappa = 1 / t:
+    entropy H = log(2N - 1) - mean_i logsumexp_{k != i} s_ik / t (the leave-one-out vMF KDE over the 2N views) and
+    reconstruction R = -mean_i s_ip(i) / t (-log q of each view under a vMF centred on its positive), both without
+    the constant log C_D(1 / t), which cancels in the bound H - R. So NT-Xent = R - H + log(2N - 1). -> (H, R)."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+    n = z.shape[0] // 2
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # (2N, 2N), k != i
+    entropy = math.log(2 * n - 1) - torch.logsumexp(logits, 1).mean()
+    return entropy, -(z[:n] * z[n:]).sum(1).mean() / temperature
 
 
 def projector(in_dim, hidden, out_dim):
@@ -93,7 +107,8 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            metrics.add(loss=loss)
+            entropy, reconstruction = er_terms(z1, z2, args.temperature)  # of this rank's views
+            metrics.add(loss=loss, entropy=entropy, reconstruction=reconstruction)
             common.check_finite(metrics["loss"], epoch, i)
         record = {"epoch": epoch + 1, **metrics.means(), "lr": lr}  # the one host sync of the epoch
         common.check_finite(record["loss"], epoch)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY, arg_error, call
-from dino import DINO, DINOLoss, ema_update, get_args, sinkhorn
+from dino import DINO, DINOLoss, ema_update, get_args, sinkhorn, teacher_entropy
 
 
 @pytest.mark.parametrize("k", [4, 64, 1000])
@@ -133,6 +133,7 @@ def test_dino_end_to_end(tmp_path, arch, extra):
     assert arch == "vit_tiny" or 0 <= rec["knn_top1"] <= 100
     assert 0 <= rec["teacher_entropy"] <= math.log(64) + 1e-6
     assert rec["kl_uniform"] == pytest.approx(math.log(64) - rec["teacher_entropy"], abs=1e-4)
+    assert rec["teacher_entropy"] - 1e-4 <= rec["entropy"] <= math.log(64) + 1e-6  # concavity: H(mean) >= mean H
     call("eval_linear.py", "--checkpoint", tmp_path / "last.pt", "--probe-epochs", "2", "--device", "cpu", "--limit", "300")
     assert json.load(open(tmp_path / "last.eval.json"))["arch"] == arch
 
@@ -142,3 +143,12 @@ def test_dino_end_to_end(tmp_path, arch, extra):
 def test_bad_input(tmp_path, extra, flag, capsys):
     import dino
     assert flag in arg_error(dino, DINO_TINY + ["--out-dir", str(tmp_path), *extra], capsys)
+
+
+def test_teacher_entropy_of_one_hot_and_uniform_targets():
+    # N = K one-hot targets on distinct classes: each has entropy 0 (KL to uniform log K) while their batch mean is
+    # uniform, entropy log K (the ER term at its maximum); K uniform targets: log K, 0 and log K.
+    k = 8
+    for p, expected in ((torch.eye(k), (0, math.log(k), math.log(k))),
+                        (torch.full((k, k), 1 / k), (math.log(k), 0, math.log(k)))):
+        assert teacher_entropy(list(p.chunk(2))).tolist() == pytest.approx(expected, abs=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY, arg_error, call, one_line_error
-from mmae import mae_loss, patchify, random_masking, sincos_pos_embed, square_reg, tcr, unpatchify
+from mmae import mae_loss, matrix_information, patchify, random_masking, sincos_pos_embed, square_reg, tcr, unpatchify
 
 
 def orthonormal(b, d, seed=0):
@@ -108,9 +108,12 @@ def test_lam_zero_is_mae_and_end_to_end(tmp_path):
     call("mmae.py", *MMAE_TINY, "--lam", "0", "--out-dir", tmp_path / "mae", "--eval-every", "0")
     rec = json.loads(open(tmp_path / "mae" / "log.jsonl").readline())
     assert rec["loss"] == rec["recon"]  # lambda = 0: the objective is the MAE loss exactly
-    call("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean", "--eval-every", "0")
+    call("mmae.py", *MMAE_TINY, "--out-dir", tmp_path / "mmae", "--save-recon", "--pool", "mean")
     rec = json.loads(open(tmp_path / "mmae" / "log.jsonl").readline())
     assert rec["loss"] < rec["recon"] and rec["tcr"] > 0 and 1 <= rec["effective_rank"] <= 64
+    # a batch of 64: every order-2 matrix entropy lies in [0, log 64], and I_2 <= min of the two views' H_2
+    assert 0 <= rec["matrix_mi"] <= rec["matrix_entropy"] + 1e-9 <= math.log(64) + 1e-9
+    assert 0 <= rec["matrix_joint_entropy"] <= math.log(64) + 1e-9
     from PIL import Image  # 3 rows of 8 images of 32 px, each drawn at 128 px (4 px patches -> 16 px), 4 px apart
     assert Image.open(tmp_path / "mmae" / "recon_0001.png").size == (8 * 132 + 4, 3 * 132 + 4)
     # the fixed sine-cosine position embeddings are frozen: after training they are still exactly the formula
@@ -129,3 +132,16 @@ def test_bad_mask_ratio(tmp_path, extra, capsys):
 
 def test_patch_not_dividing_image_is_a_clear_error(tmp_path, capsys):
     assert "divisible" in one_line_error("mmae.py", MMAE_TINY + ["--out-dir", tmp_path, "--patch-size", "5"], capsys)
+
+
+@pytest.mark.parametrize("b,d", [(4, 4), (8, 32)])
+def test_matrix_information_closed_forms(b, d):
+    # Orthonormal rows: K = I, A = I / B, tr A^2 = 1 / B -> H_2 = log B; K_1 o K_2 = I again -> joint log B, so
+    # I_2 = log B + log B - log B = log B. Identical rows: K = 11^T, tr A^2 = 1 -> H_2 = 0; against orthonormal rows
+    # the joint is I o 11^T = I -> log B, so I_2 = log B + 0 - log B = 0.
+    q, same = orthonormal(b, d), torch.ones(b, d)
+    out = matrix_information(q, 3 * q)  # any row scale
+    assert [out[k] for k in ("matrix_entropy", "matrix_joint_entropy", "matrix_mi")] == pytest.approx([math.log(b)] * 3)
+    out = matrix_information(q, same)
+    assert [out[k] for k in ("matrix_entropy", "matrix_joint_entropy", "matrix_mi")] == pytest.approx(
+        [math.log(b) / 2, math.log(b), 0], abs=1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclr import nt_xent
+from simclr import er_terms, nt_xent
 
 T = 0.2
 
@@ -81,3 +81,18 @@ def test_gradient_finite_and_pulls_positives_together():
     stepped = (z1 - 0.05 * z1.grad).detach()
     assert cos(stepped) > cos(z1.detach())  # a descent step aligns each view with its positive
     assert nt_xent(stepped, z2, T) < loss
+
+
+@pytest.mark.parametrize("n,c,t", [(4, 0.0, 0.2), (6, 0.5, 0.5), (3, -0.3, 0.1)])
+def test_er_terms_closed_form_and_loss_identity(n, c, t):
+    # z1 = z2, every cross-image cosine c: s_ip = 1, so R = -1/t; each anchor's 2N-1 others are its positive (1)
+    # and 2N-2 views at c, so H = log(2N-1) - log(e^{1/t} + (2N-2) e^{c/t}); and NT-Xent = R - H + log(2N-1).
+    g = torch.full((n, n), c, dtype=torch.float64).fill_diagonal_(1.0)  # Gram matrix of n unit vectors
+    z = torch.linalg.cholesky(g)  # rows with exactly those cosines
+    h, r = er_terms(z, z.clone(), t)
+    assert r.item() == pytest.approx(-1 / t, rel=1e-5)
+    assert h.item() == pytest.approx(math.log(2 * n - 1) - math.log(math.exp(1 / t) + (2 * n - 2) * math.exp(c / t)),
+                                     rel=1e-5, abs=1e-5)
+    z1, z2 = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(0))
+    h, r = er_terms(z1, z2, t)
+    assert nt_xent(z1, z2, t).item() == pytest.approx((r - h).item() + math.log(15), rel=1e-5)

@@ -6,6 +6,9 @@
 
 log:    every number a run logs per epoch (loss, the method's diagnostics, kNN top-1, learning rate) against the epoch,
         one panel each, the runs overlaid.
+er:     the two terms of the ER bound (entropy, reconstruction; DINO's reconstruction is its loss) of each run,
+        as their change since the first epoch, since the methods estimate them up to different constants:
+        python tests/scripts/plot.py er runs/curves/SimCLR runs/curves/DINO runs/curves/EntRec_byol --out er.png
 curves: kNN top-1 against the epoch, one panel per --panel (a title, then run folders); --floor folders hold the
         kNN of a random-init backbone (tests/scripts/real_images.py writes it as their epoch 0), drawn dashed, and
         every curve of the same backbone starts from it.
@@ -37,6 +40,12 @@ def label(folder):
     return os.path.basename(os.path.normpath(folder)).replace("_", " ")
 
 
+def save(fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def plot_log(folders, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -58,9 +67,28 @@ def plot_log(folders, out):
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, out)
+
+
+def plot_er(folders, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    for ax, key, title in ((axes[0], "entropy", "entropy term H"), (axes[1], "reconstruction",
+                                                                     "reconstruction term -E log q")):
+        for i, f in enumerate(folders):
+            rows = [r for r in read_log(f) if r.get("epoch", 0) > 0]
+            pts = [(r["epoch"], r.get(key, r["loss"] if key == "reconstruction" else None)) for r in rows]
+            pts = [(e, v) for e, v in pts if isinstance(v, (int, float))]
+            if pts:
+                ax.plot([e for e, _ in pts], [v - pts[0][1] for _, v in pts], marker="o", ms=3, color=f"C{i % 10}",
+                        label=label(f))
+        ax.set_title(f"{title}, change since epoch 1 (nats)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, out)
 
 
 def plot_curves(panels, floors, out):
@@ -93,9 +121,7 @@ def plot_curves(panels, floors, out):
         ax.set_ylabel("kNN top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 def arch_of(folder):
@@ -113,17 +139,22 @@ def main():
     lg = sub.add_parser("log", help="every logged number of one or more runs against the epoch")
     lg.add_argument("folders", nargs="+")
     lg.add_argument("--out", default="log.png")
+    er = sub.add_parser("er", help="the ER bound's entropy and reconstruction terms of runs against the epoch")
+    er.add_argument("folders", nargs="+")
+    er.add_argument("--out", default="er.png")
     cv = sub.add_parser("curves", help="kNN top-1 against the epoch, in panels")
     cv.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE DIR",
                     help="a panel's title, then its run folders (repeat for more panels)")
     cv.add_argument("--floor", nargs="*", default=[], help="random-init folders (epoch-0 kNN in their log.jsonl)")
     cv.add_argument("--out", default="curves.png")
     args = p.parse_args()
-    for f in (args.folders if args.what == "log" else [d for pn in args.panel for d in pn[1:]] + args.floor):
+    for f in (args.folders if args.what in ("log", "er") else [d for pn in args.panel for d in pn[1:]] + args.floor):
         if not os.path.isfile(os.path.join(f, "log.jsonl")):
             sys.exit(f"error: {f} has no log.jsonl: is it a run folder?")
     if args.what == "log":
         plot_log(args.folders, args.out)
+    elif args.what == "er":
+        plot_er(args.folders, args.out)
     else:
         plot_curves(args.panel, args.floor, args.out)
 

@@ -67,11 +67,15 @@ def get_args():
                    "between epochs of a run, and print how to continue (for a job slot of fixed length)")
     p.add_argument("--wordnet", metavar="DIR", help="also evaluate the WordNet alignment (eval_linear.py --wordnet "
                    "DIR; the classes must be WordNet ids, as tin100's are)")
+    p.add_argument("--synthetic", action="store_true", help="train on the synthetic shapes instead of --zip (their "
+                   "masks serve eval_linear.py --dense and the foreground share of --pictures)")
+    p.add_argument("--eval-flags", default="", help='more eval_linear.py flags, e.g. "--dense --pictures"; the dense '
+                   "probe's scores and the foreground share join the table")
     return p.parse_args()
 
 
 def prepare_data(args):
-    if os.path.isdir(os.path.join(args.data_dir, "train")):
+    if args.synthetic or os.path.isdir(os.path.join(args.data_dir, "train")):
         return
     if not os.path.isfile(args.zip):
         sys.exit(f"error: no data: {args.data_dir}/train does not exist and {args.zip} is not a file (see --zip)")
@@ -86,7 +90,8 @@ def hardware(device):
 
 
 def budget_flags(args):
-    return ["--dataset", "folder", "--data-dir", args.data_dir, "--image-size", str(args.image_size),
+    data = ["--dataset", "synthetic"] if args.synthetic else ["--dataset", "folder", "--data-dir", args.data_dir]
+    return [*data, "--image-size", str(args.image_size),
             "--num-train", str(args.num_train), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--warmup-epochs", str(args.warmup_epochs), "--width", str(args.width), "--eval-every", str(args.eval_every),
             "--device", args.device]
@@ -97,7 +102,8 @@ def random_init_checkpoint(path, arch, args):
     so that it goes through exactly the same evaluation."""
     torch.manual_seed(0)
     backbone, _ = common.build_backbone(arch, args.image_size, args.width)
-    saved = {"method": "random-init", "arch": arch, "width": args.width, "dataset": "folder", "data_dir": args.data_dir,
+    saved = {"method": "random-init", "arch": arch, "width": args.width,
+             "dataset": "synthetic" if args.synthetic else "folder", "data_dir": args.data_dir,
              "image_size": args.image_size, "seed": 0, "pool": "cls", "patch_size": None}
     common.save_checkpoint(path, {"args": saved, "epoch": 0, "backbone": backbone.state_dict()})
 
@@ -123,6 +129,8 @@ def read_json(path):
 
 
 DEADLINE = [None]  # set by --time-limit
+EXTRA = {"dense_miou": "dense mIoU", "dense_pixel_acc": "dense pixel acc", "foreground_share": "foreground share",
+         "foreground_area": "object area"}  # eval numbers shown when present
 
 
 class TimeUp(Exception):
@@ -176,11 +184,12 @@ def train_and_eval(name, script_flags, args):
         print(f"evaluating {name}", flush=True)
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(["eval_linear.py", "--checkpoint", ck, "--probe-epochs", str(args.probe_epochs), "--device", args.device,
-             "--geometry", *limit, *(["--wordnet", args.wordnet] if args.wordnet else [])],
+             "--geometry", *limit, *(["--wordnet", args.wordnet] if args.wordnet else []), *shlex.split(args.eval_flags)],
             os.path.join(folder, "eval.log"))
     res = read_json(ev)
     return {"run": name, "arch": res["arch"], "knn20": res["knn20_top1"], "knn200": res["knn200_top1"],
-            "linear": res["linear_top1"], "seconds": seconds}
+            "linear": res["linear_top1"], "seconds": seconds,
+            **{k: res[k] for k in EXTRA if k in res}}
 
 
 def main():
@@ -205,15 +214,18 @@ def main():
             stopped = True
             break
     n = args.num_train or "all"
-    header = (f"Data: {os.path.basename(args.data_dir)} at {args.image_size} px, {n} training images, full val split. "
+    data = "synthetic" if args.synthetic else os.path.basename(args.data_dir)
+    header = (f"Data: {data} at {args.image_size} px, {n} training images, full val split. "
               f"Budget: {args.epochs} epochs, batch {args.batch_size}, {args.warmup_epochs} warm-up epochs, ResNet-18 "
               f"width {args.width} (M-MAE: ViT-Tiny/4), each method's defaults otherwise. Hardware: "
               f"{hardware(args.device)}. kNN memory and linear probe ({args.probe_epochs} epochs, frozen features): "
               f"{args.eval_limit or 'all'} labelled training images.")
-    lines = [header, "", "| run | backbone | kNN k=20 | kNN k=200 | linear top-1 | train s |", "| --- | --- | --- | --- | --- | --- |"]
+    extra = [k for k in EXTRA if any(k in r for r in rows)]
+    lines = [header, "", "| run | backbone | kNN k=20 | kNN k=200 | linear top-1 | "
+             + "".join(f"{EXTRA[k]} | " for k in extra) + "train s |", "| --- " * (6 + len(extra)) + "|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['arch']} | {r['knn20']:.2f} | {r['knn200']:.2f} | {r['linear']:.2f} | "
-                     f"{r['seconds']:.0f} |")
+                     + "".join(f"{r[k]:.2f} | " if k in r else "- | " for k in extra) + f"{r['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
