@@ -415,6 +415,8 @@ def dense_probe(backbone, train, val, stats, device, epochs=20, lr=1e-3, batch_s
     mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
     prep = lambda x: (x.to(device).float() / 255 - mean) / std  # noqa: E731
     labels = torch.cat([train.masks.flatten(), val.masks.flatten()])
+    if (labels != 255).sum() == 0:
+        common.die("--dense: every mask pixel is 255 (void): there is nothing to train or score the probe on")
     classes = int(labels[labels != 255].max()) + 1
     backbone.eval()
     with torch.no_grad():
@@ -495,6 +497,8 @@ def segmentation_data(source, name, kw, size):
         common.die(f"--dense {source}: " + (f"no mask in {folders[1]} for {images[lost[0]]} ({len(lost)} images "
                                             f"without one)" if images else f"no image files in {folders[0]}"))
     pairs = [(images[k], masks[k]) for k in sorted(images)]
+    if len(pairs) < 2:
+        common.die(f"--dense {source}: one image with its mask; the probe needs at least 2 (a fifth is held out)")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))
     held = set(order[: max(1, len(pairs) // 5)].tolist())
     return (read_segmentation([p for i, p in enumerate(pairs) if (i in held) == v], size, source) for v in (0, 1))

@@ -149,6 +149,17 @@ def test_eval_dense_on_a_folder_of_images_and_masks(tmp_path, capsys):
     call("eval_linear.py", "--checkpoint", ck, "--probe-epochs", "1", "--limit", "64", "--dense", tmp_path / "seg",
          "--dense-epochs", "1")
     assert json.load(open(tmp_path / "r.eval.json"))["dense_classes"] == 2
+    void = tmp_path / "void"
+    for sub in ("images", "masks"):
+        (void / sub).mkdir(parents=True)
+    for i in range(3):  # every mask pixel void: nothing to learn, one line
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(void / "images" / f"{i}.png")
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(void / "masks" / f"{i}.png")
+    assert "void" in one_line_error("eval_linear.py", ["--checkpoint", ck, "--dense", void, "--probe-epochs", "1",
+                                                       "--limit", "64"], capsys)
+    for i in (1, 2):
+        (void / "images" / f"{i}.png").unlink()
+    assert "at least 2" in one_line_error("eval_linear.py", ["--checkpoint", ck, "--dense", void], capsys)
     (tmp_path / "seg" / "masks" / "3.png").unlink()
     msg = one_line_error("eval_linear.py", ["--checkpoint", ck, "--dense", tmp_path / "seg"], capsys)
     assert "no mask" in msg and "3.jpg" in msg
