@@ -1,9 +1,11 @@
 """Plumbing shared by every method file, nothing method-specific (no losses, heads or teachers), in two halves.
 
-Part I, what a researcher reads: arguments, data (every dataset decoded once into uint8 (N, 3, H, W) on the training
-device), batched augmentation on the device, backbones, device / distributed / optimisation, evaluation.
+Part I, what a researcher reads: arguments, data (every dataset decoded once into uint8 (N, 3, S, S), kept on the
+training device, in host memory or in a decoded cache file on disk), batched augmentation on the device, backbones,
+device / distributed / optimisation, evaluation.
 Part II, what keeps runs safe: `Run`, the one object that owns a run's folder and its lock, the values it resolved,
-its last checkpoint, its log records and a pending signal; then checkpoint files, the log and the non-finite stop.
+its last checkpoint, its log records and a pending signal; then decoded caches, checkpoint files, the log and the
+non-finite stop.
 
 A train() reads:  run = Run(args) -> data = load_data(args, run.device) -> run.resolve(data) -> model, optimizer ->
 start = run.resume(model, opt) -> per epoch: schedule, forward, loss, step, [EMA], metrics; kNN monitor,
@@ -15,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -25,6 +28,7 @@ import signal
 import sys
 import textwrap
 
+import numpy
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,7 +37,7 @@ import torchvision
 from tqdm import tqdm
 
 IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
-DATASETS = ("cifar10", "cifar100", "stl10", "folder", "tinyimagenet", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "tinyimagenet", "imagenet", "food101", "synthetic")
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 
 
@@ -74,11 +78,19 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
     p.allow_abbrev, later = False, f" (default: {recipe})" if recipe else ""
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pretraining data; 'synthetic' needs no download")
-    a("--data-dir", default="./data", help="where datasets live (folder: DATA_DIR/train/<class>/*, "
-      "DATA_DIR/val/<class>/*; tinyimagenet: DATA_DIR/tiny-imagenet-200/)")
+    a("--data-dir", default="./data", help="where datasets live (folder and imagenet: DATA_DIR/train/<class>/*, "
+      "DATA_DIR/val/<class>/*; tinyimagenet: DATA_DIR/tiny-imagenet-200/; food101: DATA_DIR/food-101/)")
+    a("--classes", metavar="FILE", help="folder-like datasets: train on the classes FILE lists, one folder name / wnid "
+      "/ class name a line (e.g. the ImageNet-100 list)")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download the dataset if missing")
-    a("--image-size", type=number(int, 8), help="folder/tinyimagenet: decode size (default: tinyimagenet 64; folder "
-      "the images' most common size, at most 64)")
+    a("--image-size", type=number(int, 8), help="the model's input side (default: tinyimagenet 64; folder the images' "
+      "most common size, at most 64; imagenet and food101 224, from squares decoded at 8/7 of it: 256 px)")
+    a("--data-on", choices=("auto", "device", "cpu", "disk"), default="auto", help="where decoded images live: on the "
+      "training device, in host memory, or in a decoded cache file read per batch; auto: the first that holds them")
+    a("--cache-dir", help="disk tier: the folder of decoded caches (default: DATA_DIR/decoded), reused by later runs "
+      "and eval_linear.py, rebuilt when the images change")
+    a("--workers", type=NONNEG_INT, help="disk tier: DataLoader processes reading ahead (default: per rank min(8, its "
+      "CPUs - 1))")
     a("--skip-bad-images", action="store_true", help="folder/tinyimagenet: skip files that cannot be decoded")
     a("--num-train", type=COUNT, help="train on a fixed random subset of N images (quick runs)")
     a = p.add_argument_group("model").add_argument
@@ -133,7 +145,7 @@ def parse(p, argv=None):
     if saved.get("method") != args.method:
         die(f"{resume} is a {saved.get('method')} checkpoint, not {args.method}")
     free = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
-            "save_every", "epochs"}  # what a resumed run may change; every other value is the run's
+            "save_every", "epochs", "data_on", "cache_dir", "workers"}  # what a resumed run may change
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "out_dir", "device")})  # flags not given
     args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": resume, "out_dir": out_dir})
     differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in saved.items()
@@ -155,7 +167,7 @@ def find_resume(args):
     return max(found, key=os.path.getmtime)
 
 
-# ==== Data: uint8 images (N, 3, H, W) + int64 labels (N,) (-1: none) ==================================================
+# ==== Data: uint8 images (N, 3, S, S) + int64 labels (N,) (-1: none) ==================================================
 Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))  # masks: uint8 (N, H, W) or None
 
 
@@ -223,21 +235,22 @@ def _read(files, size):
     return torch.stack(x), torch.tensor(status), torch.tensor(sides)
 
 
-def _decode(files, labels, where, size, skip_bad):
-    """Decode image files once, in parallel, at `size` px (default: the most common shorter side of up to 1000 evenly
-    spaced files, at most 64); undecodable files are an error, or skipped. Says what it did."""
-    from PIL import Image
-    if not files:
-        die(f"no image files found under {where}")
-    if not size:
-        sides = collections.Counter()
-        for f in files[:: max(1, len(files) // 1000)]:
-            with contextlib.suppress(Exception), Image.open(f) as im:
-                sides[min(im.size)] += 1
-        size = min(64, sides.most_common(1)[0][0]) if sides else 64
-    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(8, os.cpu_count() or 1),
+# image files with their labels, to decode as `size` px squares for a model of input side `crop`
+Source = collections.namedtuple("Source", "files labels where size crop")
+FOLDERS = ("folder", "tinyimagenet", "imagenet", "food101")  # the datasets of image files
+OWN_LABELS = FOLDERS + ("synthetic",)  # datasets whose labelled kNN memory is their training split
+
+
+def _decoded_batches(files, size, where):
+    """Image files -> batches of (uint8 (B, 3, size, size), status (B,), shorter sides (B,)), decoded in parallel by
+    DataLoader workers, behind a progress bar."""
+    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(32, os.cpu_count() or 1),
                                          collate_fn=functools.partial(_read, size=size))
-    x, status, sides = (torch.cat(t) for t in zip(*tqdm(loader, desc=f"decoding {where}", leave=False)))
+    return tqdm(loader, desc=f"decoding {where}", leave=False, dynamic_ncols=True)
+
+
+def _check_decoded(files, status, sides, where, size, skip_bad):
+    """Undecodable files are an error, or skipped with a warning; says what was decoded. -> the mask of good files."""
     for code, what in ((2, "are too large to decode (PIL's limit: ~179 million pixels)"),
                        (1, "cannot be read as images")):
         bad = [files[i] for i in (status == code).nonzero().flatten().tolist()]
@@ -249,12 +262,30 @@ def _decode(files, labels, where, size, skip_bad):
     ok = status == 0
     print(f"decoded {int(ok.sum())} images under {where} at {size} px ({int((sides[ok] != size).sum())} resized)",
           file=sys.stderr)
-    return Split(x[ok], torch.as_tensor(labels)[ok])
+    return ok
+
+
+def _decode(src, skip_bad):
+    """A Source decoded into host memory -> Split."""
+    x, status, sides = (torch.cat(t) for t in zip(*_decoded_batches(src.files, src.size, src.where)))
+    ok = _check_decoded(src.files, status, sides, src.where, src.size, skip_bad)
+    return Split(x[ok], torch.as_tensor(src.labels)[ok])
+
+
+def _common_side(files):
+    """folder's default decode size: the most common shorter side of up to 1000 evenly spaced files, at most 64."""
+    from PIL import Image
+    sides = collections.Counter()
+    for f in files[:: max(1, len(files) // 1000)]:
+        with contextlib.suppress(Exception), Image.open(f) as im:
+            sides[min(im.size)] += 1
+    return min(64, sides.most_common(1)[0][0]) if sides else 64
 
 
 def _folder_files(root, split, tiny=False):
-    """-> (image files, labels, where). Classes: the sorted sub-folders of train/; val/ sub-folders are matched to them
-    by name (val may hold fewer). tiny: Tiny-ImageNet's val/images/*, labelled by val/val_annotations.txt."""
+    """-> (image files, labels, where, class names). Classes: the sorted sub-folders of train/; val/ sub-folders are
+    matched to them by name (val may hold fewer). tiny: Tiny-ImageNet's val/images/*, labelled by
+    val/val_annotations.txt."""
     train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
     try:
         classes = torchvision.datasets.folder.find_classes(train)[0]  # the sorted sub-folders
@@ -269,7 +300,7 @@ def _folder_files(root, split, tiny=False):
         bad = next((r for r in rows if len(r) < 2 or r[1] not in classes), None)
         if bad:
             die(f"Tiny-ImageNet: {ann} labels {bad[0]} with '{bad[-1]}', which is not a class of {train}")
-        return [os.path.join(path, "images", name) for name, _ in rows], [classes.index(c) for _, c in rows], ann
+        return [os.path.join(path, "images", n) for n, _ in rows], [classes.index(c) for _, c in rows], ann, classes
     found, files, labels = sorted(e.name for e in os.scandir(path) if e.is_dir()), [], []
     seen = {os.path.realpath(os.path.join(path, c)) for c in found}  # links are followed, but no real folder twice:
     for c in found:  # a link loop cannot hang, a link into another class cannot relabel
@@ -281,7 +312,7 @@ def _folder_files(root, split, tiny=False):
             seen.update(os.path.realpath(os.path.join(d, s)) for s in subdirs)
             images = [os.path.join(d, f) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
             files, labels = files + images, labels + [classes.index(c)] * len(images)  # other files are ignored
-    return files, labels, path
+    return files, labels, path, classes
 
 
 TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", 200)
@@ -329,14 +360,81 @@ def _tiny_imagenet(data_dir, download):
     return root
 
 
-def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False):
-    """split: 'train' (pretraining images), 'memory' (labelled train images for kNN/linear), 'val'."""
+def _imagenet(data_dir):
+    """-> data_dir after checking it is not ImageNet's raw layout (a flat val/, or only the devkit archives), which
+    is one line that says how to sort it into train/<wnid>/ and val/<wnid>/."""
+    val = os.path.join(data_dir, "val")
+    flat = os.path.isdir(val) and any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
+                                      for e in itertools.islice(os.scandir(val), 1000))
+    raw = [f for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC")
+           if os.path.exists(os.path.join(data_dir, f))]
+    if flat or (raw and not os.path.isdir(os.path.join(data_dir, "train"))):
+        q = shlex.quote(data_dir)
+        die(f"ImageNet in {data_dir} is in its raw layout ({'val/ holds the images themselves' if flat else raw[0]}), "
+            f"not train/<wnid>/*.JPEG and val/<wnid>/*.JPEG: with ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and "
+            f"ILSVRC2012_devkit_t12.tar.gz in it, python -c \"import torchvision as t; [t.datasets.ImageNet({q!r}, s) "
+            f"for s in ('train', 'val')]\" writes that layout (once; a flat val/ moved aside first)")
+    return data_dir
+
+
+def _food101(data_dir, split, download):
+    """-> (files, labels, where, classes) of Food-101 through torchvision (its download and checksum)."""
+    try:
+        ds = torchvision.datasets.Food101(data_dir, "test" if split == "val" else "train", download=download)
+    except Exception as e:  # RuntimeError (missing), URLError / OSError (offline)
+        how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
+        die(f"food101 {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put food-101.tar.gz "
+            f"(5 GB, data.vision.ee.ethz.ch) or its extracted food-101/ folder in --data-dir {data_dir}")
+    return [str(f) for f in ds._image_files], list(ds._labels), os.path.join(data_dir, "food-101"), ds.classes
+
+
+def _keep_classes(files, labels, classes, path):
+    """--classes FILE: only the classes FILE lists (a folder name, wnid or class name a line; '#' comments), labelled
+    0..K-1 in the dataset's own order."""
+    try:
+        wanted = {line.split("#")[0].strip() for line in open(path, errors="replace")} - {""}
+    except OSError as e:
+        die(f"--classes {path}: {e.strerror}")
+    unknown = sorted(wanted - set(classes))
+    if unknown or not wanted:
+        die(f"--classes {path}: " + (f"{len(unknown)} of its {len(wanted)} classes are not classes of the dataset "
+                                     f"(first: {unknown[0]}; the dataset's first is {classes[0]})" if unknown else
+                                     "lists no class"))
+    new = {c: i for i, c in enumerate(c for c in classes if c in wanted)}
+    kept = [(f, new[classes[y]]) for f, y in zip(files, labels) if classes[y] in wanted]
+    return [f for f, _ in kept], [y for _, y in kept]
+
+
+def dataset_source(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, classes=None):
+    """-> a Split (datasets held as arrays: synthetic, CIFAR, STL-10) or a Source (the image files of a folder-like
+    dataset, the decode size and the model's input size). split: 'train' (pretraining images), 'memory' (labelled
+    train images for kNN / linear), 'val'. ImageNet and Food-101 photographs are decoded as squares 8/7 of the
+    model's side (256 px for 224: shorter side resized, centre crop), from which the crops are taken."""
+    if classes and name not in FOLDERS:
+        die(f"--classes selects classes of a folder-like dataset ({', '.join(FOLDERS)}), not of {name}")
     if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
         return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
-    if name == "folder":
-        return _decode(*_folder_files(data_dir, split), image_size, skip_bad)
-    if name == "tinyimagenet":
-        return _decode(*_folder_files(_tiny_imagenet(data_dir, download), split, tiny=True), image_size or 64, skip_bad)
+    if name in ("folder", "tinyimagenet", "imagenet"):
+        root = data_dir if name == "folder" else _imagenet(data_dir) if name == "imagenet" else _tiny_imagenet(
+            data_dir, download)
+        files, labels, where, names = _folder_files(root, split, tiny=name == "tinyimagenet")
+    elif name == "food101":
+        files, labels, where, names = _food101(data_dir, split, download)
+    else:
+        return _arrays(name, data_dir, split, download)
+    if classes:
+        files, labels = _keep_classes(files, labels, names, classes)
+    if not files:
+        die(f"no image files found under {where}")
+    if name in ("imagenet", "food101"):
+        crop = image_size or 224
+        return Source(files, labels, where, crop + crop // 7, crop)
+    size = image_size or (64 if name == "tinyimagenet" else _common_side(files))
+    return Source(files, labels, where, size, size)
+
+
+def _arrays(name, data_dir, split, download):
+    """CIFAR-10/100 and STL-10 through torchvision, as a Split."""
     try:
         if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
             part = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]
@@ -352,51 +450,188 @@ def get_dataset(name, data_dir="./data", split="train", download=True, image_siz
             f"or try the pipeline offline with --dataset synthetic")
 
 
+def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False,
+                classes=None, cache_dir=None):
+    """The split decoded: in host memory, or with cache_dir (the disk tier) as Images over its decoded cache file
+    there (built first when missing or stale). -> Split."""
+    src = dataset_source(name, data_dir, split, download, image_size, seed, classes)
+    if cache_dir:
+        return cached(src, (name, "train" if split == "memory" and name in OWN_LABELS else split, _side(src)),
+                      cache_dir, skip_bad, classes)
+    return _decode(src, skip_bad) if isinstance(src, Source) else src
+
+
+def _side(src):
+    return src.size if isinstance(src, Source) else src.images.shape[-1]
+
+
+class Images:
+    """Decoded uint8 images (N, 3, S, S) kept off the training device: in host memory (`source`, a tensor) or in a
+    decoded cache file (`source`, its path; read through np.memmap, so only the rows asked for are read and none stay
+    in the process's own memory). Indexed like the tensor they stand for: len(x), x.shape, x[i:j], x[index] -> uint8
+    CPU tensors; x.take(index) -> a view of those rows; x.to(device, workers) -> the same images, feeding `batches`
+    on that device."""
+
+    def __init__(self, source, n=None, size=None, rows=None, device=None, workers=0):
+        self.source, self.rows, self.device, self.workers = source, rows, device, workers
+        self.n, self.size = (len(source), source.shape[-1]) if isinstance(source, torch.Tensor) else (n, size)
+        self.map = None  # the memmap, opened by the process that reads (each DataLoader worker its own)
+
+    tier = property(lambda self: "cpu" if isinstance(self.source, torch.Tensor) else "disk")
+    shape = property(lambda self: (len(self), 3, self.size, self.size))
+
+    def __len__(self):
+        return self.n if self.rows is None else len(self.rows)
+
+    def __getstate__(self):  # to a worker started by spawn: it maps the file itself
+        return {**self.__dict__, "map": None}
+
+    def __getitem__(self, key):
+        return self.read(torch.arange(len(self))[key] if isinstance(key, slice) else torch.as_tensor(key))
+
+    def take(self, index):
+        index = torch.as_tensor(index)
+        return Images(self.source, self.n, self.size, index if self.rows is None else self.rows[index], self.device,
+                      self.workers)
+
+    def to(self, device, workers=0):
+        return Images(self.source, self.n, self.size, self.rows, device, workers)
+
+    def read(self, index, out=None):
+        """Rows `index` (int64 (B,)) -> uint8 (B, 3, S, S) on the CPU, into `out` when given."""
+        index = index if self.rows is None else self.rows[index]
+        if isinstance(self.source, torch.Tensor):
+            return self.source[index] if out is None else torch.index_select(self.source, 0, index, out=out)
+        if self.map is None:
+            self.map = numpy.memmap(self.source, numpy.uint8, "r", shape=(self.n, 3, self.size, self.size))
+        order = index.argsort()
+        x = torch.from_numpy(self.map[index[order].numpy()])  # rows read in file order
+        out = torch.empty_like(x) if out is None else out
+        out[order] = x
+        return out
+
+    def batches(self, index):
+        """The rows of each index[k] as a uint8 batch on self.device: from host memory gathered into pinned memory
+        and copied asynchronously (the host gathers the next batch while the device runs this step); from a file read
+        ahead by `workers` DataLoader worker processes (pinned by the loader)."""
+        pin = self.device.type == "cuda"
+        if self.tier == "cpu":
+            for idx in index:
+                out = torch.empty((len(idx), 3, self.size, self.size), dtype=torch.uint8, pin_memory=pin)
+                yield self.read(idx, out).to(self.device, non_blocking=True)
+            return
+        loader = torch.utils.data.DataLoader(index, batch_size=None, collate_fn=self.read, num_workers=self.workers,
+                                             pin_memory=pin)  # batch_size None: collate_fn reads each index list
+        for x in loader:
+            yield x.to(self.device, non_blocking=True)
+
+
+def take(data, index):
+    """The items `index` of a Split (Images stay on disk: a view of those rows)."""
+    images = data.images.take(index) if isinstance(data.images, Images) else data.images[index]
+    return Split(images, data.labels[index], None if data.masks is None else data.masks[index])
+
+
 def subset(data, n, seed=0):
     """A fixed random subset of n items in their original order (a prefix of a class-sorted folder would hold only
     the first classes); the same for every method and --seed."""
     if not n or n >= len(data.images):
         return data
-    keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Split(data.images[keep], data.labels[keep], None if data.masks is None else data.masks[keep])
+    return take(data, torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
 
 
-Data = collections.namedtuple("Data", "images memory val stats")  # pretraining images on the device, kNN splits, stats
+def pixel_stats(images, most=10000, chunk=500):
+    """Per-channel pixel (mean, std) of up to `most` evenly spaced images, read `chunk` at a time and combined in
+    float64 by Chan et al.'s pairwise update (a constant channel gives exactly 0)."""
+    n, mean, m2 = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for part in torch.arange(0, len(images), max(1, len(images) // most)).split(chunk):
+        x = images[part.to(images.device) if isinstance(images, torch.Tensor) else part].double().cpu() / 255
+        k, m = x[:, 0].numel(), x.mean((0, 2, 3))
+        delta, n = m - mean, n + k
+        m2 = m2 + ((x - m.view(1, 3, 1, 1)) ** 2).sum((0, 2, 3)) + delta**2 * (n - k) * k / n
+        mean = mean + delta * k / n
+    return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
+
+
+def host_memory():
+    """Bytes of host memory to be had without swapping (Linux: MemAvailable; else the free pages)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        return 1024 * int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_tier(src, device):
+    """--data-on auto: the first tier whose memory holds the decoded training images 4x over (GPU) or 2x over (host
+    memory, of which each local rank holds a copy); said in one line. -> 'device', 'cpu' or 'disk'."""
+    n, side = (len(src.files), src.size) if isinstance(src, Source) else (len(src.images), src.images.shape[-1])
+    need, local = n * 3 * side * side, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    host = host_memory()
+    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    tier = ("device" if need * 4 < gpu or (not gpu and need * local * 2 < host) else
+            "cpu" if gpu and need * local * 2 < host else "disk")
+    gb = lambda b: f"{b / 1e9:,.3g} GB" if b < 1e11 else f"{b / 1e9:,.0f} GB"  # noqa: E731
+    print(f"decoded: {n:,} images x 3 x {side} x {side} = {gb(need)} -> {tier} (" + (f"GPU {gb(gpu)} free, " if gpu
+          else "") + f"host {gb(host)} available{f' for {local} ranks' if local > 1 else ''})", file=sys.stderr)
+    return tier
+
+
+Data = collections.namedtuple("Data", "images memory val stats size", defaults=(None,))  # training images, kNN
+# splits, pixel (mean, std), the model's input side (None: the images')
 
 
 def load_data(args, device):
-    """-> Data: the pretraining images (uint8, on `device`), the labelled kNN memory / query splits (on the CPU) and
-    the per-channel pixel (mean, std) of up to 10k pretraining images (a resumed run's come from its checkpoint).
-    Run.resolve saves the decode size and the statistics in the run's config, for eval and resume."""
+    """-> Data: the pretraining images (--data-on device: a uint8 tensor on `device`; cpu / disk: Images that feed
+    `batches` on it), the labelled kNN memory / query splits (host memory, or Images on disk), the per-channel pixel
+    (mean, std) of up to 10k pretraining images (a resumed run's come from its checkpoint) and the model's input side.
+    Run.resolve saves the tier, the sizes and the statistics in the run's config, for eval and resume."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
-              skip_bad=args.skip_bad_images)
-    train = subset(get_dataset(args.dataset, split="train", **kw), args.num_train)
-    kw["image_size"] = train.images.shape[-1]
-    own = args.dataset in ("synthetic", "folder", "tinyimagenet")  # no separate labelled train split
-    memory = train if own else get_dataset(args.dataset, split="memory", **kw)
+              classes=getattr(args, "classes", None))
+    src = dataset_source(args.dataset, split="train", **kw)
+    args.data_on = tier = choose_tier(src, device) if getattr(args, "data_on", "device") == "auto" else args.data_on
+    kw.update(skip_bad=args.skip_bad_images, image_size=src.crop if isinstance(src, Source) else _side(src))
+    if tier == "disk":
+        args.cache_dir = kw["cache_dir"] = args.cache_dir or os.path.join(args.data_dir, "decoded")
+        train = cached(src, (args.dataset, "train", _side(src)), args.cache_dir, args.skip_bad_images, kw["classes"])
+    else:
+        train = _decode(src, args.skip_bad_images) if isinstance(src, Source) else src
+    train = subset(train, args.num_train)
+    memory = train if args.dataset in OWN_LABELS else get_dataset(args.dataset, split="memory", **kw)
     if getattr(args, "mean", None) is None:
-        x = train.images[:: max(1, len(train.images) // 10000)].float() / 255
-        stats = x.mean((0, 2, 3)), x.std((0, 2, 3))
+        stats = pixel_stats(train.images)
         if flat := (stats[1] == 0).nonzero().flatten().tolist():  # one colour: normalised, every pixel is nan
-            where = args.data_dir if args.dataset in ("folder", "tinyimagenet") else args.dataset
+            where = args.data_dir if args.dataset in FOLDERS else args.dataset
             die(f"the {len(train.images)} pretraining images of {where} have a pixel standard deviation of 0 in "
                 f"channel {'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be "
                 f"normalised: check the images")
     else:
         stats = torch.tensor(args.mean), torch.tensor(args.std)
-    return Data(train.images.to(device), memory, get_dataset(args.dataset, split="val", **kw), stats)
+    images = train.images.to(device) if tier == "device" else (
+        train.images if tier == "disk" else Images(train.images)).to(device, workers=loader_workers(args))
+    return Data(images, memory, get_dataset(args.dataset, split="val", **kw), stats, kw["image_size"])
+
+
+def loader_workers(args):
+    """--workers, else per rank min(8, its share of the CPUs - 1), at least 1."""
+    if getattr(args, "workers", None) is not None:
+        return args.workers
+    return max(1, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def batches(images, batch_size, epoch, seed):
-    """One epoch of uint8 batches; the permutation depends only on (seed, epoch), so resume is exact. Under torchrun
-    each rank takes its slice of the same global batch (batch_size is the global size)."""
+    """One epoch of uint8 batches on the training device; the permutation depends only on (seed, epoch), so resume is
+    exact, and on no tier: every tier yields the same batches. Under torchrun each rank takes its slice of the same
+    global batch (batch_size is the global size) and, from Images, reads only those rows."""
     world, rank = world_rank()
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(images.device)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     steps, local = len(images) // batch_size, batch_size // world
     if steps == 0:
         die(f"--batch-size {batch_size} is larger than the {len(images)} training images")
-    for s in tqdm(range(steps), desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True):
-        yield images[perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local]]
+    if isinstance(images, Images):
+        feed = images.batches([perm[s * batch_size + rank * local:][:local] for s in range(steps)])
+    else:  # on the device: the permutation moves there once, each batch is one index
+        perm = perm.to(images.device)
+        feed = (images[perm[s * batch_size + rank * local:][:local]] for s in range(steps))
+    yield from tqdm(feed, total=steps, desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True)
 
 
 # ==== Batched augmentation, all samples at once on the device =========================================================
@@ -473,16 +708,22 @@ def gaussian_blur(x, g, sigma=(0.1, 2.0)):
     return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
 
 
+def local_side(image_size):
+    """The side of a local crop: half the image's, or from 224 px up 3/7 of it (DINO's 96 px at 224)."""
+    return 96 * image_size // 224 if image_size >= 224 else max(image_size // 2, 8)
+
+
 class MultiCrop:
-    """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of the image size, then `n_local` of half
-    that side. Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1
-    global, 0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
+    """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of side image_size (from the whole
+    decoded square, which may be larger: ImageNet's 224 px crops of 256 px squares), then `n_local` of local_side.
+    Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1 global,
+    0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
 
     def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  color=True):
         self.groups = [(n_global, image_size, tuple(global_scale), [(1.0, 0.1)[i % 2] for i in range(n_global)],
                         [(0.0, 0.2)[i % 2] for i in range(n_global)]),  # (count, side, scale, blur p, solarise p)
-                       (n_local, max(image_size // 2, 8), tuple(local_scale), [0.5] * n_local, [0.0] * n_local)]
+                       (n_local, local_side(image_size), tuple(local_scale), [0.5] * n_local, [0.0] * n_local)]
         self.mean, self.std = stats[0].view(1, 3, 1, 1), stats[1].view(1, 3, 1, 1)
         self.big, self.color = image_size >= 64, color
 
@@ -662,6 +903,36 @@ def gather(x, dim=0):
     return torch.cat(_AllGather.apply(x), dim) if dist.is_initialized() else x
 
 
+def columns(*xs, dim=0):
+    """For a loss computed on this rank's rows against the whole batch: each x of every rank concatenated along `dim`
+    (`gather`, with its gradient), then the offset of this rank's rows in them (0 in one process): the loss takes
+    (rows..., columns..., offset). Memory and work per rank are then local x global. Its mean over this rank's rows,
+    back-propagated on every rank, gives after DDP's gradient mean the single-process gradient, since each rank's
+    gradient reaches the others' rows through the gather (tests/test_distributed.py)."""
+    return (*(gather(x, dim) for x in xs), world_rank()[1] * xs[0].shape[dim])
+
+
+class _AllSum(torch.autograd.Function):
+    """dist.all_reduce (sum) with a backward: the gradient is the sum over ranks of the gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_sum(x):
+    """x summed over ranks, with a gradient (M-MAE's d x d Z^T Z of the whole batch); x itself in one process."""
+    return _AllSum.apply(x) if dist.is_initialized() else x
+
+
 def aug_generator(args, device, epoch):
     """Augmentation randomness depends on (seed, rank, epoch) only, so a resumed run sees the same crops."""
     return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
@@ -724,20 +995,29 @@ class Metrics:
     def __getitem__(self, name):
         return self.sums[name]
 
-    def means(self):
-        return dict(zip(self.sums, (torch.stack(list(self.sums.values())) / self.steps).tolist()))
+    def means(self):  # under torchrun the mean over ranks too (each rank's loss is its own rows' share)
+        values = torch.stack(list(self.sums.values())) / self.steps
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        return dict(zip(self.sums, values.tolist()))
 
 
 # ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
 @torch.no_grad()
-def extract_features(backbone, data, stats, device, batch_size=512):
-    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`."""
+def extract_features(backbone, data, stats, device, size=None, batch_size=512):
+    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`; the
+    centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre crop 224)."""
     mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
     was, feats = backbone.training, []
     backbone.eval()
     for i in range(0, len(data.images), batch_size):
+        x = data.images[i: i + batch_size].to(device)
+        if size and size < x.shape[-1]:
+            o = (x.shape[-1] - size) // 2
+            x = x[..., o: o + size, o: o + size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
-            feats.append(backbone((data.images[i: i + batch_size].to(device).float() / 255 - mean) / std).float())
+            feats.append(backbone((x.float() / 255 - mean) / std).float())
     backbone.train(was)
     return torch.cat(feats), data.labels.to(device)
 
@@ -762,7 +1042,8 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024
 
 def knn_monitor(backbone, data, device):
     """kNN top-1 (k=20) of data.val against the labelled images of data.memory (data: a Data of load_data)."""
-    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device) for d in (data.memory, data.val))
+    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device, data.size)
+                                  for d in (data.memory, data.val))
     return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
 
 
@@ -854,7 +1135,7 @@ class Run:
         after scaling (base_lr = --lr x batch / lr_batch), beside what parse and the method file resolved before
         (out dir, recipe, crops). Printed once as one block; `config`, what every checkpoint saves, is this."""
         args = self.args
-        args.image_size = data.images.shape[-1]
+        args.image_size = data.size
         args.mean, args.std = data.stats[0].tolist(), data.stats[1].tolist()
         args.base_lr = args.lr * args.batch_size / args.lr_batch
         self.config, self.steps = dict(vars(args)), len(data.images) // args.batch_size
@@ -948,6 +1229,125 @@ class Run:
                 f"{shlex.quote(sys.argv[0])} --resume {shlex.quote(saved[0])}" if saved else
                 "no epoch has finished: start it again"), file=sys.stderr)
         raise SystemExit(128 + signum)
+
+
+# ==== Decoded caches: a cache file is whole or absent =================================================================
+CACHE_MAGIC = b"SSLDEC01"  # the last 8 bytes of a whole cache file
+
+
+def cache_file(cache_dir, src, key, classes, source):
+    """Where the cache of `key` (dataset, split, side) lives: named by them and by a digest of the folder the files
+    come from and --classes (of arrays: of their bytes, `source`), so that caches of other sizes, subsets, folders
+    and seeds sit side by side."""
+    where = os.path.realpath(src.where) if isinstance(src, Source) else source
+    ident = hashlib.sha1(f"{where}\n{classes}".encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{key[0]}-{key[1]}-{key[2]}px-{ident}.u8")
+
+
+def fingerprint(src):
+    """A digest of what the cache is decoded from: every file's name, label, size and mtime and the decode size (a
+    stat per file, no reading), or the bytes of images held as arrays."""
+    h = hashlib.sha1()
+    if isinstance(src, Source):
+        h.update(f"{len(src.files)} files at {src.size} px\n".encode())
+        for f, y in zip(src.files, src.labels):
+            try:
+                st = os.stat(f)
+            except OSError as e:
+                die(f"cannot read {f}: {e.strerror}")
+            h.update(f"{f}\t{y}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    else:
+        h.update(memoryview(src.images.contiguous().numpy()).cast("B"))
+        h.update(memoryview(src.labels.to(torch.int64).numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def read_cache_meta(path):
+    """The metadata of a cache file, once its trailer and its length say it is whole; a torn or foreign file is a
+    one-line error naming it. Layout: rows (N, 3, S, S) uint8, labels (N,) int64, JSON, its length, CACHE_MAGIC."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 16))
+            tail = f.read(16)
+            if len(tail) < 16 or tail[8:] != CACHE_MAGIC:
+                raise ValueError("no end marker")
+            m = int.from_bytes(tail[:8], "little")
+            f.seek(max(0, end - 16 - m))
+            meta = json.loads(f.read(m))
+            if end != meta["n"] * (3 * meta["size"] ** 2 + 8) + m + 16:
+                raise ValueError(f"{end} bytes, not the {meta['n']} images it says")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
+        die(f"{path} is torn or not a decoded cache ({e}): delete it, and the next run rebuilds it")
+    return meta
+
+
+def cached(src, key, cache_dir, skip_bad, classes=None):
+    """-> Split(Images, labels) of the cache file of `key` under cache_dir, built first when missing or when its
+    source changed (fingerprint). Built under a lock (ranks and runs that start together build it once; the others
+    wait) into a temporary file renamed when whole (a killed build is never taken for a cache). A cache of another
+    dataset, split or size under its name is a one-line error."""
+    source = fingerprint(src)
+    path = cache_file(cache_dir, src, key, classes, source)
+    with writing(cache_dir):
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(f"{path}.lock", "a")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {path}: another process is building it", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = read_cache_meta(path) if os.path.exists(path) else None
+        if meta and [meta.get(k) for k in ("dataset", "split", "size")] != list(key):
+            die(f"{path} holds {meta.get('dataset')} {meta.get('split')} at {meta.get('size')} px, not {key[0]} "
+                f"{key[1]} at {key[2]} px: delete it, or choose another --cache-dir")
+        if meta and meta["source"] != source:
+            print(f"{path}: its source changed (files, sizes or times): rebuilding it", file=sys.stderr)
+        if not meta or meta["source"] != source:
+            meta = _build_cache(src, path, key, source, skip_bad)
+    labels = numpy.fromfile(path, numpy.int64, meta["n"], offset=meta["n"] * 3 * meta["size"] ** 2)
+    return Split(Images(path, meta["n"], meta["size"]), torch.from_numpy(labels))
+
+
+def _build_cache(src, path, key, source, skip_bad):
+    """Decode `src` into PATH.tmp<pid> batch by batch (host memory holds one batch), then rename it to PATH. The
+    caller holds the lock. -> its metadata."""
+    n = len(src.files) if isinstance(src, Source) else len(src.images)
+    need, free = n * (3 * key[2] ** 2 + 8), shutil.disk_usage(os.path.dirname(path)).free
+    if need > free:
+        die(f"cannot write {path}: {n:,} decoded images need {need / 1e9:.3g} GB and {os.path.dirname(path)} has "
+            f"{free / 1e9:.3g} GB free: choose another --cache-dir, or --data-on device / cpu")
+    for old in glob.glob(glob.escape(path) + ".tmp*"):  # left by a build that was killed
+        os.remove(old)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            if isinstance(src, Source):
+                parts = []
+                for x, status, sides in _decoded_batches(src.files, src.size, src.where):
+                    f.write(x[status == 0].numpy().tobytes())
+                    parts.append((status, sides))
+                try:
+                    ok = _check_decoded(src.files, *(torch.cat(t) for t in zip(*parts)), src.where, src.size, skip_bad)
+                except SystemExit:
+                    os.remove(tmp)
+                    raise
+                labels = torch.as_tensor(src.labels)[ok]
+            else:
+                for i in range(0, n, 1024):
+                    f.write(src.images[i: i + 1024].contiguous().numpy().tobytes())
+                labels = src.labels
+            f.write(labels.to(torch.int64).numpy().tobytes())
+            meta = {"dataset": key[0], "split": key[1], "size": key[2], "n": len(labels), "source": source,
+                    "from": src.where if isinstance(src, Source) else key[0]}
+            blob = json.dumps(meta).encode()
+            f.write(blob + len(blob).to_bytes(8, "little") + CACHE_MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    print(f"wrote {path} ({meta['n']:,} images at {key[2]} px, {os.path.getsize(path) / 1e9:.3g} GB)", file=sys.stderr)
+    return meta
 
 
 # ==== Checkpoint files, the log, the non-finite stop ==================================================================

@@ -246,7 +246,7 @@ class DINO(nn.Module):
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
     data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    resolve_crops(args, data.images.shape[-1])  # local crops from 64 px up
+    resolve_crops(args, data.size)  # local crops from 64 px up
     run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, args.global_crops, args.local_crops, args.global_scale,
                            args.local_scale)

@@ -121,13 +121,17 @@ def fp32(x):
 
 @torch.autocast("cuda", enabled=False)  # fp32 maths even when called under autocast
 @torch.autocast("cpu", enabled=False)
-def sphere_entropy(z, kappa=10.0, estimator="average"):
+def sphere_entropy(z, kappa=10.0, estimator="average", z_all=None):
     """vMF-KDE entropy of z (N, D), the whole batch (normalised here), the KDE including each point itself:
     log p_i = logsumexp_j(kappa zi.zj) - log N + log C_D;  H = mean_i(-log p_i)  ("average"), or
-    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation")."""
-    z = F.normalize(fp32(z), dim=1)
-    N, D = z.shape
-    log_p = torch.logsumexp(kappa * z @ z.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (N,)
+    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation"). Sharded (several processes): z (n, D) is this
+    rank's rows and z_all (N, D) the whole batch, the KDE's points; "average" is then the mean over this rank's rows
+    (over the ranks: the whole-batch value), while "expectation", whose weights need every row, is the whole batch's
+    on every rank (rows z_all)."""
+    z_all = z if z_all is None else z_all
+    z, z_all = (F.normalize(fp32(x), dim=1) for x in ((z_all if estimator != "average" else z), z_all))
+    N, D = z_all.shape
+    log_p = torch.logsumexp(kappa * z @ z_all.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (n,)
     if estimator == "average":
         return -log_p.mean()
     return -(F.softmax(log_p, dim=0) * log_p).sum()
@@ -145,7 +149,8 @@ def sphere_reconstruction(mu, z, kappa=10.0):
 @torch.autocast("cpu", enabled=False)
 def discrete_entropy(p):
     """Entropy -sum_k pbar_k log pbar_k of the batch-mean distribution pbar of p (N, K), the whole batch (rows are
-    probability vectors; the official "expectation" reduction)."""
+    probability vectors; the official "expectation" reduction). Sharded, every rank computes it from the whole
+    batch's p."""
     p_bar = fp32(p).mean(0)  # (K,)
     return -torch.special.xlogy(p_bar, p_bar).sum()
 
@@ -161,24 +166,29 @@ def discrete_reconstruction(p1, p2):
 
 @torch.autocast("cuda", enabled=False)
 @torch.autocast("cpu", enabled=False)
-def entrec_loss(z, t, pred=None, variant="byol", kappa=10.0, estimator="average", student_temp=0.1, teacher_temp=0.04):
+def entrec_loss(z, t, pred=None, variant="byol", kappa=10.0, estimator="average", student_temp=0.1, teacher_temp=0.04,
+                z_all=None, offset=0):
     """-(H + E log q) and its two terms, (loss, entropy, reconstruction), on the whole batch.
 
     simclr/byol: z, t, pred (2, N, D) online projections, target projections, predictions of the online net.
     dino: z (V, N, K) student logits of every crop, the 2 global crops first; t (2, N, K) the teacher's; pred None.
-    Reconstruction pairs every teacher crop with every other student crop."""
+    Reconstruction pairs every teacher crop with every other student crop. Sharded (several processes): z, t, pred
+    hold this rank's n images (from image `offset` on) and z_all (V, N, .) the whole batch's z, for the entropy
+    (offset is where this rank's rows sit in z_all; the terms below need only z_all)."""
+    z_all = z if z_all is None else z_all
     if variant == "simclr":  # both branches online; mu(z1) = z1
         rec = sphere_reconstruction(z[0], z[1], kappa)  # kappa z1.z2 is symmetric: one direction suffices
     elif variant == "byol":  # predict the other view's target projection
         rec = 0.5 * (sphere_reconstruction(pred[0], t[1], kappa) + sphere_reconstruction(pred[1], t[0], kappa))
     if variant != "dino":
-        ent = 0.5 * (sphere_entropy(z[0], kappa, estimator) + sphere_entropy(z[1], kappa, estimator))
+        ent = 0.5 * sum(sphere_entropy(z[v], kappa, estimator, z_all[v]) for v in range(2))
         return rec - ent, ent, rec
     p_t = F.softmax(fp32(t) / teacher_temp, dim=-1)  # no centring: the entropy term prevents collapse
     p_s = F.softmax(fp32(z) / student_temp, dim=-1)
     pairs = [(i, j) for i in range(len(p_t)) for j in range(len(p_s)) if i != j]
     rec = sum(discrete_reconstruction(p_t[i], p_s[j]) for i, j in pairs) / len(pairs)
-    ent = (discrete_entropy(p_s[0]) + discrete_entropy(p_s[1])) / 2  # of the student's global crops
+    p_all = F.softmax(fp32(z_all[:2]) / student_temp, dim=-1)  # (2, N, K): the whole batch's global crops
+    ent = (discrete_entropy(p_all[0]) + discrete_entropy(p_all[1])) / 2  # of the student's global crops
     return rec - ent, ent, rec
 
 
@@ -279,9 +289,8 @@ def train(args):
             views = aug(x, g)
             with common.autocast(args, run.device):
                 z, t, pred = model(views)
-            z, t, pred = (None if v is None else common.gather(v, dim=1) for v in (z, t, pred))  # whole batch
             loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
-                                         args.student_temp, tau_t)
+                                         args.student_temp, tau_t, *common.columns(z, dim=1))  # entropy: every rank's
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -629,19 +629,22 @@ SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half 
 
 def folder_root(name, data_dir):
     """The folder holding train/ of a folder or Tiny-ImageNet dataset."""
-    if name == "folder" or os.path.isfile(os.path.join(data_dir, "wnids.txt")):
+    if name in ("folder", "imagenet") or os.path.isfile(os.path.join(data_dir, "wnids.txt")):
         return data_dir
     return os.path.join(data_dir, "tiny-imagenet-200")
 
 
-def class_wnids(name, data_dir):
-    """The class folder names (sorted, as the labels are) of a folder-like dataset, for --wordnet."""
-    if name not in ("folder", "tinyimagenet"):
-        common.die(f"--wordnet needs a dataset whose classes are WordNet ids (folder, tinyimagenet), not {name}")
-    return torchvision.datasets.folder.find_classes(os.path.join(folder_root(name, data_dir), "train"))[0]
+def class_wnids(name, data_dir, classes=None):
+    """The class folder names (sorted, as the labels are) of a folder-like dataset, those of --classes FILE alone when
+    given, for --wordnet."""
+    if name not in ("folder", "tinyimagenet", "imagenet"):
+        common.die(f"--wordnet needs a dataset whose classes are WordNet ids (folder, tinyimagenet, imagenet), not "
+                   f"{name}")
+    names = torchvision.datasets.folder.find_classes(os.path.join(folder_root(name, data_dir), "train"))[0]
+    return common._keep_classes(names, range(len(names)), names, classes)[0] if classes else names
 
 
-def class_names(name, data_dir, count):
+def class_names(name, data_dir, count, classes=None):
     """Readable names of the classes 0..count-1: torchvision's for CIFAR and STL-10, the shapes of synthetic, the
     folder names for folder and Tiny-ImageNet, or for a wnid the first name that a words.txt beside train/ gives it
     (lines "wnid<TAB>names", as Tiny-ImageNet ships it)."""
@@ -649,9 +652,9 @@ def class_names(name, data_dir, count):
     with contextlib.suppress(Exception):  # no names found: the class numbers
         if name == "synthetic":
             names = list(SHAPES)
-        elif name in ("folder", "tinyimagenet"):
+        elif name in ("folder", "tinyimagenet", "imagenet"):
             root = folder_root(name, data_dir)
-            names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+            names = class_wnids(name, data_dir, classes)
             words = dict(line.rstrip("\n").split("\t", 1) for line in open(os.path.join(root, "words.txt")))
             names = [words[w].split(",")[0] if w in words else w for w in names]
         else:
@@ -708,7 +711,7 @@ def main(args):
     device = common.pick_device(args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
     if args.wordnet:  # what --wordnet needs, checked before the minutes of features and probe
-        class_wnids(name, data_dir)
+        class_wnids(name, data_dir, saved.get("classes") if name == saved["dataset"] else None)
         if not os.path.isfile(os.path.join(args.wordnet, "data.noun")):
             common.die(f"--wordnet {args.wordnet}: no data.noun there (WordNet 3.0 database files; Debian's "
                        f"wordnet-base installs them in /usr/share/wordnet)")
@@ -718,13 +721,16 @@ def main(args):
     if args.dense == "auto" and name != "synthetic":
         common.die(f"the {name} dataset has no segmentation masks: --dense voc (PASCAL VOC 2012), or --dense DIR "
                    f"with DIR/images and DIR/masks")
+    same = name == saved["dataset"] and data_dir == saved["data_dir"]  # the pretraining images: its classes and cache
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
-              skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False))
+              skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False),
+              classes=saved.get("classes") if same else None,
+              cache_dir=saved.get("cache_dir") if same and saved.get("data_on") == "disk" else None)
     memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
-    labelled = memory.labels >= 0  # STL-10's unlabelled images are -1
-    memory = common.subset(common.Split(memory.images[labelled], memory.labels[labelled]), args.limit)
+    labelled = (memory.labels >= 0).nonzero().flatten()  # STL-10's unlabelled images are -1
+    memory = common.subset(common.take(memory, labelled), args.limit)
     val = common.subset(val, args.limit)
-    size = memory.images.shape[-1]
+    size = kw["image_size"] or 224 if name in ("imagenet", "food101") else memory.images.shape[-1]  # model's side
     source = args.dense or ("synthetic" if name == "synthetic" and args.pictures else None)  # where masks come from
     seg = [common.subset(s, args.limit) for s in segmentation_data(source, name, kw, size)] if source else None
     pool = args.pool or saved.get("pool", "cls")
@@ -738,10 +744,9 @@ def main(args):
     if "mean" in saved:  # the per-channel statistics pretraining normalised with
         stats = (torch.tensor(saved["mean"]), torch.tensor(saved["std"]))
     else:  # a checkpoint without them (random init): the statistics of the labelled training images
-        x = memory.images[:: max(1, len(memory.images) // 10000)].float() / 255
-        stats = (x.mean((0, 2, 3)), x.std((0, 2, 3)))
-    tr_f, tr_y = common.extract_features(backbone, memory, stats, device)
-    te_f, te_y = common.extract_features(backbone, val, stats, device)
+        stats = common.pixel_stats(memory.images)
+    tr_f, tr_y = common.extract_features(backbone, memory, stats, device, size)
+    te_f, te_y = common.extract_features(backbone, val, stats, device, size)
     res = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": name, "epoch": ck["epoch"],
            "arch": saved["arch"], "feature_dim": tr_f.shape[1]}
     for k, T in ((20, 0.07), (200, 0.1)):
@@ -759,13 +764,13 @@ def main(args):
         res.update(geometry(te_f[keep.to(te_f.device)], pairs, te_y[keep.to(te_y.device)]))
         sim, _ = centroid_similarities(te_f, te_y)
         order = greedy_order(sim)
-        names = class_names(name, data_dir, len(sim))
+        names = class_names(name, data_dir, len(sim), kw["classes"])
         with common.writing(base + ".centroids.png"):
             save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
         res["centroid_order"] = order
     if args.wordnet:  # classes named by WordNet ids: centroid similarities against WordNet's (Table IV)
         sim, present = centroid_similarities(te_f, te_y)
-        wnids = [w for w, p in zip(class_wnids(name, data_dir), present.tolist()) if p]
+        wnids = [w for w, p in zip(class_wnids(name, data_dir, kw["classes"]), present.tolist()) if p]
         res.update(wordnet_alignment(sim, wnids, args.wordnet))
     if args.dense:
         res.update(dense_probe(backbone, *seg, stats, device, args.dense_epochs, seed=args.seed))

@@ -74,28 +74,32 @@ def log_vmf_normalizer(dim, kappa):
 
 @torch.autocast("cuda", enabled=False)  # fp32 maths even when called under autocast
 @torch.autocast("cpu", enabled=False)
-def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0):
+def hydes_loss(z, kappa=1.0, alpha=1.0, beta=1.0, z_all=None, offset=0):
     """HyDeS loss (Eq. 4) and its two entropy estimates (Eqs. 2, 3).
 
     z: (V, N, D) embeddings of V crops of the N images of the whole batch (normalised here; half precision is
     computed in fp32). Returns (loss, h_global, h_local), each a scalar tensor; the entropies include
     log C_D(kappa), which cancels in the loss when alpha = beta. With V = 1 there are no positives: h_local is nan
-    and the loss is -alpha h_global."""
-    V, N, D = z.shape
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
-    log_c = log_vmf_normalizer(D, kappa)
-    flat = z.reshape(V * N, D)  # row v*N + n: crop v of image n
-    logits = kappa * flat @ flat.T  # (VN, VN): log K(zi, zj) - log C
-    self_mask = torch.eye(V * N, dtype=torch.bool, device=z.device)
+    and the loss is -alpha h_global. Sharded (several processes): z (V, n, D) is this rank's images, n of them from
+    image `offset` on of z_all (V, N, D), the whole batch; the means are over this rank's V*n points, and their
+    mean over the ranks is the whole-batch value."""
+    fp32 = lambda x: F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # noqa: E731
+    V, n, D = z.shape
+    rows = fp32(z).reshape(V * n, D)  # row v*n + i: crop v of this rank's image i
+    cols = rows if z_all is None else fp32(z_all).reshape(-1, D)  # (VN, D), column v*N + j: crop v of image j
+    N, log_c = len(cols) // V, log_vmf_normalizer(D, kappa)
+    logits = kappa * rows @ cols.T  # (Vn, VN): log K(zi, zj) - log C
+    image = offset + torch.arange(n, device=z.device).repeat(V)  # (Vn,) image index of each row
+    own = torch.arange(V, device=z.device).repeat_interleave(n) * N + image  # (Vn,) each row's own column
+    self_mask = own[:, None] == torch.arange(V * N, device=z.device)  # (Vn, VN)
     # Eq. (2): -log mean_{j != i} K = -(logsumexp_{j != i} kappa zi.zj - log(VN - 1)) - log C
-    lse_all = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)  # (VN,)
+    lse_all = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)  # (Vn,)
     h_global = (math.log(V * N - 1) - lse_all).mean() - log_c
     if V == 1:
         return -alpha * h_global, h_global, torch.full_like(h_global, float("nan"))
     # Eq. (3): positives P(i) = same image, other crop
-    image = torch.arange(N, device=z.device).repeat(V)  # (VN,) image index of each row
-    positive = (image[:, None] == image[None, :]) & ~self_mask
-    lse_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (VN,)
+    positive = (image[:, None] == torch.arange(N, device=z.device).repeat(V)) & ~self_mask  # (Vn, VN)
+    lse_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)  # (Vn,)
     h_local = (math.log(V - 1) - lse_pos).mean() - log_c
     return beta * h_local - alpha * h_global, h_global, h_local  # Eq. (4), negated
 
@@ -152,8 +156,7 @@ def train(args):
             views = aug(x, g)
             with common.autocast(args, run.device):
                 z = model(views)  # (V, N, D)
-            z_all = common.gather(z, dim=1)  # (V, N_global, D): the whole batch across ranks
-            loss, h_global, h_local = hydes_loss(z_all, args.kappa, args.alpha, args.beta)
+            loss, h_global, h_local = hydes_loss(z, args.kappa, args.alpha, args.beta, *common.columns(z, dim=1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -112,33 +112,38 @@ def mae_loss(pred, target_patches, mask, norm_pix=True):
 
 @torch.autocast("cuda", enabled=False)
 @torch.autocast("cpu", enabled=False)
-def tcr(z, mu):
+def tcr(z, mu, all_sum=None):
     """Total coding rate log det(I_d + (mu/d) Z^T Z) of Z (B, d), rows L2-normalised here, in fp32+.
     By Sylvester's identity it equals log det(I_B + (mu/d) Z Z^T): the smaller Gram matrix is used,
     through a Cholesky factor (the matrix is symmetric positive definite): log det = 2 sum log diag. Z is the
-    whole batch; half precision is computed in fp32; non-finite features give nan (the caller stops), not an error."""
+    whole batch; half precision is computed in fp32; non-finite features give nan (the caller stops), not an error.
+    Sharded (several processes): z is this rank's rows and all_sum sums a tensor over the ranks with its gradient
+    (common.all_sum): Z^T Z of the whole batch is the sum of every rank's d x d one."""
     z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
     B, d = z.shape
-    gram = z.T @ z if d <= B else z @ z.T  # (min(B, d), min(B, d))
+    gram = all_sum(z.T @ z) if all_sum else z.T @ z if d <= B else z @ z.T  # (min(B, d), min(B, d)), or (d, d)
     eye = torch.eye(gram.shape[0], dtype=z.dtype, device=z.device)
     return 2 * torch.linalg.cholesky_ex(eye + (mu / d) * gram).L.diagonal().log().sum()
 
 
 @torch.autocast("cuda", enabled=False)
 @torch.autocast("cpu", enabled=False)
-def square_reg(z):
-    """U-MAE's regulariser: the mean of the squared entries of Z Z^T, Z (B, d) the whole batch, rows L2-normalised."""
+def square_reg(z, all_sum=None):
+    """U-MAE's regulariser: the mean of the squared entries of Z Z^T, Z (B, d) the whole batch, rows L2-normalised.
+    Sharded (all_sum as for tcr): ||Z Z^T||_F^2 = ||Z^T Z||_F^2, from the d x d matrix summed over the ranks."""
     z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+    if all_sum:
+        return (all_sum(z.T @ z) ** 2).sum() / all_sum(z.new_tensor(float(len(z)))) ** 2
     return ((z @ z.T) ** 2).mean()
 
 
-def mmae_loss(l_mae, z, lam=0.01, mu=3.0, reg="tcr"):
+def mmae_loss(l_mae, z, lam=0.01, mu=3.0, reg="tcr", all_sum=None):
     """Eq. (9): L = L_MAE - lambda TCR_mu(Z) (reg "tcr"), or L_MAE + lambda mean((Z Z^T)^2) (U-MAE, reg "square");
-    z (B, d) the whole batch. Returns (L, the regulariser's value)."""
+    z (B, d) the whole batch (sharded: this rank's rows, with all_sum). Returns (L, the regulariser's value)."""
     if reg == "tcr":
-        r = tcr(z, mu)
+        r = tcr(z, mu, all_sum)
         return l_mae - lam * r, r  # maximise the coding rate
-    r = square_reg(z)
+    r = square_reg(z, all_sum)
     return l_mae + lam * r, r  # minimise the squared similarities
 
 
@@ -261,7 +266,7 @@ def train(args):
             with common.autocast(args, run.device):
                 pred, mask, z = model(imgs, args.mask_ratio, g)
             l_mae = mae_loss(pred, patchify(imgs, mae.patch), mask, args.norm_pix_loss)  # this rank's images
-            loss, reg = mmae_loss(l_mae, common.gather(z), args.lam, args.mu, args.reg)  # TCR of the whole batch
+            loss, reg = mmae_loss(l_mae, z, args.lam, args.mu, args.reg, common.all_sum)  # Z^T Z summed over ranks
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -41,15 +41,19 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 @torch.autocast("cuda", enabled=False)  # fp32 maths even when called under autocast
 @torch.autocast("cpu", enabled=False)
-def nt_xent(z1, z2, temperature=0.2):
-    """NT-Xent (Eq. 1). z1, z2: (N, D) projections of the two views of the whole batch, any scale (normalised
-    here); half-precision inputs are computed in fp32."""
-    z = F.normalize(torch.cat([z1, z2]).to(torch.promote_types(z1.dtype, torch.float32)), dim=1)  # (2N, D)
-    n = z.shape[0] // 2
-    logits = z @ z.T / temperature  # (2N, 2N): s_ik / t
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # p(i): the other view
-    return F.cross_entropy(logits, positive)  # mean over the 2N anchors of -log softmax_k(s_ik/t)[p(i)]
+def nt_xent(z1, z2, temperature=0.2, z1_all=None, z2_all=None, offset=0):
+    """NT-Xent (Eq. 1). z1, z2: (n, D) projections of the two views, any scale (normalised here); half-precision
+    inputs are computed in fp32. One process: z1, z2 are the whole batch. Sharded (several processes): z1, z2 are
+    this rank's anchors, rows offset..offset+n of z1_all, z2_all (N, D), the whole batch's, against which they are
+    contrasted; the mean over this rank's 2n anchors is returned, and over the ranks it is the whole-batch loss."""
+    fp32 = lambda *zs: F.normalize(torch.cat(zs).to(torch.promote_types(z1.dtype, torch.float32)), dim=1)  # noqa
+    rows = fp32(z1, z2)  # (2n, D): this rank's anchors
+    cols = rows if z1_all is None else fp32(z1_all, z2_all)  # (2N, D): every view of the batch
+    N, ar = len(cols) // 2, torch.arange(len(z1), device=rows.device)
+    own = torch.cat([ar, ar + N]) + offset  # each anchor's own column
+    positive = torch.cat([ar + N, ar]) + offset  # p(i): the other view of its image
+    logits = (rows @ cols.T / temperature).scatter(1, own[:, None], float("-inf"))  # (2n, 2N): s_ik / t, k != i
+    return F.cross_entropy(logits, positive)  # mean over the anchors of -log softmax_k(s_ik/t)[p(i)]
 
 
 @torch.no_grad()
@@ -103,7 +107,7 @@ def train(args):
             views = aug(x, g)
             with common.autocast(args, run.device):
                 z1, z2 = model(views)
-            loss = nt_xent(common.gather(z1), common.gather(z2), args.temperature)  # negatives from every rank
+            loss = nt_xent(z1, z2, args.temperature, *common.columns(z1, z2))  # own anchors, every rank's views
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -49,7 +49,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--dataset", "imagenet"], ["invalid choice"]),
+    (["--dataset", "mnist"], ["invalid choice"]),
     (["--dataset", "folder", "--data-dir", "/nonexistent/dir"], ["error:", "/nonexistent/dir/train"]),
     (["--dataset", "cifar10", "--data-dir", "TMP", "--no-download"], ["error:", "cifar10", "--dataset synthetic"]),
     (["--dataset", "cifar10", "--data-dir", "TMP"], ["error:", "offline", "--dataset synthetic"]),

@@ -12,7 +12,9 @@ time; what one leaves is carried to the next):
                     (against the chip's bf16 peak), peak memory; eager, then with --compile;
   c. peer.txt       the same SimCLR and DINO steps written with lightly (installed from ./wheels if not importable);
   d. real.txt       tests/scripts/real_images.py on tin100-32 (all 50,000 training images, ResNet-18 width 64, batch
-                    256), scored by eval_linear.py; resumable: the same command continues it on a warm machine.
+                    256), scored by eval_linear.py; resumable: the same command continues it on a warm machine;
+  e. feed.txt       tests/scripts/data_path.py feed: a ResNet-50 SimCLR step at 224 px in bf16 with its batch already on
+                    the GPU, then fed by the disk tier (a cache of 256 px squares, 4 and 8 DataLoader workers).
 summary.md gathers the README-ready lines; log.txt is everything the stages printed.
 
 Needs, besides the checkout: data/tin100-32.zip for stage d (a copy of ../shared/data/tin100-32.zip; data/ is
@@ -44,7 +46,7 @@ def get_args():
     p.add_argument("--time-limit", type=float, default=540, help="seconds for all stages")
     p.add_argument("--device", default="cuda")
     p.add_argument("--toy", action="store_true", help="tiny sizes, for a dry run on the CPU")
-    p.add_argument("--stages", default="abcd", help="which stages to run, e.g. 'd' to continue the real-image rows")
+    p.add_argument("--stages", default="abcde", help="which stages to run, e.g. 'd' to continue the real-image rows")
     p.add_argument("--real-epochs", type=int, default=30, help="epochs of each real-image run")
     return p.parse_args()
 
@@ -169,6 +171,12 @@ def main():
         for line in out.splitlines():
             if line.startswith("|") or line.startswith("Data:") or "--time-limit" in line:
                 st.say(line, summary=True)
+    if "e" in args.stages:
+        feed = ["--count", "512", "--batch", "32", "--steps", "3", "--feed-workers", "1"] if args.toy else []
+        out = st.run("feed.txt", ["tests/scripts/data_path.py", "feed", "--device", args.device, *feed], 1.0)
+        for line in out.splitlines():
+            if "img/s" in line:
+                st.say(f"    {line.strip()}", summary=True)
     st.say(f"gpu_check done, {st.left():.0f} s of --time-limit left; files in {args.out}")
 
 
