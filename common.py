@@ -504,10 +504,10 @@ class Images:
             return self.source[index] if out is None else torch.index_select(self.source, 0, index, out=out)
         if self.map is None:
             self.map = numpy.memmap(self.source, numpy.uint8, "r", shape=(self.n, 3, self.size, self.size))
-        order = index.argsort()
-        x = torch.from_numpy(self.map[index[order].numpy()])  # rows read in file order
-        out = torch.empty_like(x) if out is None else out
-        out[order] = x
+        if out is None:  # in a DataLoader worker: straight into shared memory, which the batch is sent through
+            out = torch.empty((len(index), 3, self.size, self.size), dtype=torch.uint8)
+            out = out.share_memory_() if torch.utils.data.get_worker_info() else out
+        numpy.take(self.map, index.numpy(), axis=0, out=out.numpy())  # no copy in between
         return out
 
     def batches(self, index):
@@ -540,15 +540,16 @@ def subset(data, n, seed=0):
     return take(data, torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
 
 
-def pixel_stats(images, most=10000, chunk=500):
-    """Per-channel pixel (mean, std) of up to `most` evenly spaced images, read `chunk` at a time and combined in
-    float64 by Chan et al.'s pairwise update (a constant channel gives exactly 0)."""
+def pixel_stats(images, most=10000, chunk=None):
+    """Per-channel pixel (mean, std) of up to `most` evenly spaced images, read `chunk` at a time (default: 16 MB of
+    them) and combined in float64 by Chan et al.'s pairwise update (a constant channel gives exactly 0)."""
     n, mean, m2 = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    chunk = chunk or max(1, 2**24 // (3 * images.shape[-1] ** 2))
     for part in torch.arange(0, len(images), max(1, len(images) // most)).split(chunk):
-        x = images[part.to(images.device) if isinstance(images, torch.Tensor) else part].double().cpu() / 255
+        x = images[part.to(images.device) if isinstance(images, torch.Tensor) else part].cpu().double().div_(255)
         k, m = x[:, 0].numel(), x.mean((0, 2, 3))
         delta, n = m - mean, n + k
-        m2 = m2 + ((x - m.view(1, 3, 1, 1)) ** 2).sum((0, 2, 3)) + delta**2 * (n - k) * k / n
+        m2 = m2 + x.sub_(m.view(1, 3, 1, 1)).square_().sum((0, 2, 3)) + delta**2 * (n - k) * k / n  # in place
         mean = mean + delta * k / n
     return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
 
@@ -630,7 +631,7 @@ def batches(images, batch_size, epoch, seed):
         feed = images.batches([perm[s * batch_size + rank * local:][:local] for s in range(steps)])
     else:  # on the device: the permutation moves there once, each batch is one index
         perm = perm.to(images.device)
-        feed = (images[perm[s * batch_size + rank * local:][:local]] for s in range(steps))
+        feed = (images.index_select(0, perm[s * batch_size + rank * local:][:local]) for s in range(steps))
     yield from tqdm(feed, total=steps, desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True)
 
 
@@ -1326,7 +1327,7 @@ def _build_cache(src, path, key, source, skip_bad):
             if isinstance(src, Source):
                 parts = []
                 for x, status, sides in _decoded_batches(src.files, src.size, src.where):
-                    f.write(x[status == 0].numpy().tobytes())
+                    f.write(memoryview((x if bool((status == 0).all()) else x[status == 0]).numpy()))
                     parts.append((status, sides))
                 try:
                     ok = _check_decoded(src.files, *(torch.cat(t) for t in zip(*parts)), src.where, src.size, skip_bad)

@@ -97,17 +97,19 @@ def dino_transform():
 
 
 def tree_anon_kb(pid):
-    """RssAnon (kB) of a process and all its descendants."""
-    total, todo = 0, [pid]
+    """RssAnon (kB) of a process, and the sum over its descendants (DataLoader workers; a forked worker also counts
+    the pages it still shares with its parent)."""
+    main, children, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            total += int(next(line for line in open(f"/proc/{p}/status") if line.startswith("RssAnon")).split()[1])
+            kb = int(next(line for line in open(f"/proc/{p}/status") if line.startswith("RssAnon")).split()[1])
+            main, children = (kb, children) if p == pid else (main, children + kb)
             for t in os.listdir(f"/proc/{p}/task"):
                 todo += [int(c) for c in open(f"/proc/{p}/task/{t}/children").read().split()]
         except (OSError, StopIteration):
             pass
-    return total
+    return main, children
 
 
 def memory(args):
@@ -120,13 +122,12 @@ def memory(args):
                    "--epochs", "1", "--eval-every", "0", "--device", "cpu", "--data-on", tier, "--cache-dir", cache,
                    "--out-dir", out]
             for phase in (("build", "train") if tier == "disk" else ("train",)):
-                peak, p = 0, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                peak, p = [0, 0], subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 stop = threading.Event()
 
                 def sample():
-                    nonlocal peak
                     while not stop.is_set():
-                        peak = max(peak, tree_anon_kb(p.pid))
+                        peak[:] = map(max, peak, tree_anon_kb(p.pid))
                         time.sleep(0.05)
                 th = threading.Thread(target=sample)
                 th.start()
@@ -136,8 +137,9 @@ def memory(args):
                 th.join()
                 n = sum(len(fs) for _, _, fs in os.walk(os.path.join(data, "train")))
                 decoded = n * 3 * args.image_size**2 / 2**20
-                print(f"  {tier:6s} {phase:5s} {n:5d} images ({decoded:6.0f} MiB decoded): peak RssAnon "
-                      f"{peak / 1024:6.0f} MiB, {time.time() - t:.0f} s, exit {p.returncode}")
+                print(f"  {tier:6s} {phase:5s} {n:5d} images ({decoded:4.0f} MiB decoded): peak RssAnon "
+                      f"{peak[0] / 1024:5.0f} MiB, its workers {peak[1] / 1024:5.0f} MiB; {time.time() - t:.0f} s, "
+                      f"exit {p.returncode}")
                 out = tempfile.mkdtemp(prefix="run_")
                 cmd[-1] = out
 

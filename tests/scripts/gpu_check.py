@@ -167,7 +167,7 @@ def main():
         real += (["--num-train", "512", "--width", "4", "--epochs", "1", "--probe-epochs", "2", "--eval-limit", "1000"]
                  if args.toy else ["--num-train", "0", "--width", "64", "--epochs", str(args.real_epochs),
                                    "--batch-size", "256", "--warmup-epochs", "3"])
-        out = st.run("real.txt", real + ["--time-limit", str(max(30.0, st.left() - 30))], 1.0)
+        out = st.run("real.txt", real + ["--time-limit", str(max(30.0, st.left() - 150))], 1.0)  # 2 min for e
         for line in out.splitlines():
             if line.startswith("|") or line.startswith("Data:") or "--time-limit" in line:
                 st.say(line, summary=True)
