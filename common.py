@@ -385,6 +385,9 @@ def _food101(data_dir, split, download):
         how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
         die(f"food101 {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put food-101.tar.gz "
             f"(5 GB, data.vision.ee.ethz.ch) or its extracted food-101/ folder in --data-dir {data_dir}")
+    if not hasattr(ds, "_image_files"):  # the file list of torchvision 0.19-0.29's Food101
+        die(f"this torchvision {torchvision.__version__} keeps Food-101's file list elsewhere: use --dataset folder on "
+            f"{os.path.join(data_dir, 'food-101')} sorted into train/<class>/ and val/<class>/")
     return [str(f) for f in ds._image_files], list(ds._labels), os.path.join(data_dir, "food-101"), ds.classes
 
 
@@ -567,11 +570,11 @@ def choose_tier(src, device):
     n, side = (len(src.files), src.size) if isinstance(src, Source) else (len(src.images), src.images.shape[-1])
     need, local = n * 3 * side * side, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     host = host_memory()
-    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    tier = ("device" if need * 4 < gpu or (not gpu and need * local * 2 < host) else
-            "cpu" if gpu and need * local * 2 < host else "disk")
+    cuda, fits_host = device.type == "cuda", need * local * 2 < host
+    gpu = torch.cuda.mem_get_info(device)[0] if cuda else 0
+    tier = "device" if (need * 4 < gpu if cuda else fits_host) else "cpu" if cuda and fits_host else "disk"
     gb = lambda b: f"{b / 1e9:,.3g} GB" if b < 1e11 else f"{b / 1e9:,.0f} GB"  # noqa: E731
-    print(f"decoded: {n:,} images x 3 x {side} x {side} = {gb(need)} -> {tier} (" + (f"GPU {gb(gpu)} free, " if gpu
+    print(f"decoded: {n:,} images x 3 x {side} x {side} = {gb(need)} -> {tier} (" + (f"GPU {gb(gpu)} free, " if cuda
           else "") + f"host {gb(host)} available{f' for {local} ranks' if local > 1 else ''})", file=sys.stderr)
     return tier
 

@@ -76,9 +76,8 @@ def get_args(argv=None):
     for name, value in VARIANTS[args.variant].items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.variant == "dino" and args.entropy_estimator == "average":
-        common.die("--entropy-estimator average is not an entropy on the discrete support (maximising the official "
-                   "-mean_k log(pbar_k + eps), smallest at a uniform pbar, favours collapse); --variant dino uses "
-                   "expectation")
+        common.die("--entropy-estimator average is not an entropy on the discrete support (the official -mean_k "
+                   "log(pbar_k + eps) favours collapse: it is smallest at a uniform pbar); dino uses expectation")
     if args.global_crops != 2:
         common.die(f"EntRec uses 2 global crops (--global-crops 2), got {args.global_crops}")
     return args
@@ -124,14 +123,13 @@ def fp32(x):
 def sphere_entropy(z, kappa=10.0, estimator="average", z_all=None):
     """vMF-KDE entropy of z (N, D), the whole batch (normalised here), the KDE including each point itself:
     log p_i = logsumexp_j(kappa zi.zj) - log N + log C_D;  H = mean_i(-log p_i)  ("average"), or
-    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation"). Sharded (several processes): z (n, D) is this
-    rank's rows and z_all (N, D) the whole batch, the KDE's points; "average" is then the mean over this rank's rows
-    (over the ranks: the whole-batch value), while "expectation", whose weights need every row, is the whole batch's
-    on every rank (rows z_all)."""
-    z_all = z if z_all is None else z_all
-    z, z_all = (F.normalize(fp32(x), dim=1) for x in ((z_all if estimator != "average" else z), z_all))
-    N, D = z_all.shape
-    log_p = torch.logsumexp(kappa * z @ z_all.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (n,)
+    sum_i w_i (-log p_i) with w = softmax_i(log p_i)  ("expectation"). Sharded: z (n, D) is this rank's rows of
+    z_all (N, D), the KDE's points; "average" is the mean over these rows, "expectation" (weights over every row)
+    the whole batch's."""
+    points = F.normalize(fp32(z if z_all is None else z_all), dim=1)  # (N, D): the KDE's points
+    rows = F.normalize(fp32(z), dim=1) if z_all is not None and estimator == "average" else points  # (n, D)
+    N, D = points.shape
+    log_p = torch.logsumexp(kappa * rows @ points.T, dim=1) - math.log(N) + log_vmf_normalizer(D, kappa)  # (n,)
     if estimator == "average":
         return -log_p.mean()
     return -(F.softmax(log_p, dim=0) * log_p).sum()
@@ -149,8 +147,7 @@ def sphere_reconstruction(mu, z, kappa=10.0):
 @torch.autocast("cpu", enabled=False)
 def discrete_entropy(p):
     """Entropy -sum_k pbar_k log pbar_k of the batch-mean distribution pbar of p (N, K), the whole batch (rows are
-    probability vectors; the official "expectation" reduction). Sharded, every rank computes it from the whole
-    batch's p."""
+    probability vectors; the official "expectation" reduction); sharded too, p is the whole batch's."""
     p_bar = fp32(p).mean(0)  # (K,)
     return -torch.special.xlogy(p_bar, p_bar).sum()
 
@@ -167,14 +164,13 @@ def discrete_reconstruction(p1, p2):
 @torch.autocast("cuda", enabled=False)
 @torch.autocast("cpu", enabled=False)
 def entrec_loss(z, t, pred=None, variant="byol", kappa=10.0, estimator="average", student_temp=0.1, teacher_temp=0.04,
-                z_all=None, offset=0):
+                z_all=None):
     """-(H + E log q) and its two terms, (loss, entropy, reconstruction), on the whole batch.
 
     simclr/byol: z, t, pred (2, N, D) online projections, target projections, predictions of the online net.
     dino: z (V, N, K) student logits of every crop, the 2 global crops first; t (2, N, K) the teacher's; pred None.
-    Reconstruction pairs every teacher crop with every other student crop. Sharded (several processes): z, t, pred
-    hold this rank's n images (from image `offset` on) and z_all (V, N, .) the whole batch's z, for the entropy
-    (offset is where this rank's rows sit in z_all; the terms below need only z_all)."""
+    Reconstruction pairs every teacher crop with every other student crop. Sharded: z, t, pred hold this rank's
+    images and z_all (V, N, .) the whole batch's z, the entropy's points."""
     z_all = z if z_all is None else z_all
     if variant == "simclr":  # both branches online; mu(z1) = z1
         rec = sphere_reconstruction(z[0], z[1], kappa)  # kappa z1.z2 is symmetric: one direction suffices
@@ -206,8 +202,7 @@ def mlp(in_dim, hidden, out_dim):
 
 
 class DINOHead(nn.Module):
-    """DINO's head: 3-layer MLP (BN for ResNets) -> bottleneck -> L2-normalise -> weight-normalised linear to K
-    (norm fixed to 1), as in dino.py."""
+    """DINO's head (dino.py): 3-layer MLP (BN for ResNets) -> bottleneck -> L2-normalise -> weight-normalised K."""
 
     def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, bn=True):
         super().__init__()
@@ -248,8 +243,7 @@ class EntRec(nn.Module):
         use_target = args.variant != "simclr" and args.ema > 0
         self.target = copy.deepcopy(self.online).requires_grad_(False) if use_target else None
 
-    def forward(self, views):
-        """-> online outputs z (V, N, .), target outputs t of the 2 global crops (2, N, .), predictions (byol)."""
+    def forward(self, views):  # -> online z (V, N, .), target t of the 2 global crops (2, N, .), byol predictions
         z = self.online(views)
         pred = self.predictor(z.flatten(0, 1)).view_as(z) if self.predictor is not None else None
         with torch.no_grad():  # the target is never differentiated (--ema 0: the online net, stop-grad)
@@ -290,7 +284,7 @@ def train(args):
             with common.autocast(args, run.device):
                 z, t, pred = model(views)
             loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
-                                         args.student_temp, tau_t, *common.columns(z, dim=1))  # entropy: every rank's
+                                         args.student_temp, tau_t, common.gather(z, dim=1))  # entropy: every rank's
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

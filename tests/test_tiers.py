@@ -121,6 +121,17 @@ def test_auto_estimates_the_decoded_size_first_and_says_what_it_chose(capsys, mo
     assert "decoded: 5,000 images x 3 x 32 x 32 = 0.0154 GB -> device" in capsys.readouterr().err
     monkeypatch.setattr(common, "host_memory", lambda: 20_000_000)  # less than twice the images: the disk
     assert common.choose_tier(src, torch.device("cpu")) == "disk"
+    # the CUDA branch, with the GPU's free memory given: the 15.36 MB need 61.4 MB of GPU or 30.7 MB of host per rank
+    gpu, cuda = [0], torch.device("cuda")
+    monkeypatch.setattr(common.torch.cuda, "mem_get_info", lambda device: (gpu[0], 10**11))
+    for free, host, ranks, tier in ((62_000_000, 0, 1, "device"), (61_000_000, 31_000_000, 1, "cpu"),
+                                    (61_000_000, 30_000_000, 1, "disk"), (0, 246_000_000, 8, "cpu"),
+                                    (0, 245_000_000, 8, "disk")):
+        gpu[0] = free
+        monkeypatch.setattr(common, "host_memory", lambda: host)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert common.choose_tier(src, cuda) == tier, (free, host, ranks)
+    assert "-> cpu (GPU 0 GB free, host 0.246 GB available for 8 ranks)" in capsys.readouterr().err  # a full GPU
 
 
 def test_imagenet_layout_crops_and_its_raw_layout(tmp_path, capsys):
@@ -145,12 +156,8 @@ def test_imagenet_layout_crops_and_its_raw_layout(tmp_path, capsys):
 def test_extract_features_takes_the_centre_crop():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).to(torch.uint8)
     stats = torch.zeros(3), torch.ones(3) / 255  # normalised = the raw values
-    f, _ = common.extract_features(nn_flatten(), common.Split(x, torch.zeros(2)), stats, torch.device("cpu"), 4)
+    f, _ = common.extract_features(torch.nn.Flatten(), common.Split(x, torch.zeros(2)), stats, torch.device("cpu"), 4)
     assert torch.allclose(f, x[..., 1:5, 1:5].float().flatten(1))
-
-
-def nn_flatten():
-    return torch.nn.Flatten()
 
 
 def test_classes_file_keeps_those_classes_and_food101_offline_is_one_line(tmp_path):
