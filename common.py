@@ -1,15 +1,17 @@
-"""Plumbing shared by every method file, nothing method-specific (no losses, heads or teachers), in two halves.
+"""Plumbing shared by every method file, nothing method-specific (no losses, heads or teachers), in two parts.
 
-Part I, what a researcher reads: arguments, data (every dataset decoded once into uint8 (N, 3, S, S), kept on the
-training device, in host memory or in a decoded cache file on disk), batched augmentation on the device, backbones,
-device / distributed / optimisation, evaluation.
-Part II, what keeps runs safe: `Run`, the one object that owns a run's folder and its lock, the values it resolved,
-its last checkpoint, its log records and a pending signal; then decoded caches, checkpoint files, the log and the
-non-finite stop.
+Part I is what a method file calls, in the order its train() calls it:
 
-A train() reads:  run = Run(args) -> data = load_data(args, run.device) -> run.resolve(data) -> model, optimizer ->
-start = run.resume(model, opt) -> per epoch: schedule, forward, loss, step, [EMA], metrics; kNN monitor,
-run.save(record, ...) -> run.finish().
+    run = Run(args)                 join torchrun's process group, pick the device, claim the run folder, seed
+    data = load_data(args, device)  decoded uint8 images (N, 3, S, S) where --data-on says, the kNN splits, statistics
+    args = run.resolve(data)        every value the run uses, resolved once: printed, saved in every checkpoint
+    MultiCrop, build_backbone, to_device, optimizer, run.resume(model, opt)
+    per epoch: batches -> augment -> forward -> loss (gather / columns / all_sum) -> step; Metrics, knn_monitor,
+    run.save(record, ...); at the end run.finish()
+
+Part II, below its banner, keeps runs safe and scales them (argument resolution and resume checks, devices and DDP,
+dataset sources and decoding, `Images`, tiers and decoded caches, the run folder, checkpoints, signals). A reader of a
+method needs none of it. Calls go from Part I down into Part II, never back up.
 """
 import argparse
 import collections
@@ -47,9 +49,9 @@ def die(msg):
 
 
 # ######################################################################################################################
-# PART I: what a researcher reads
+# PART I: what a method file calls, in the order its train() calls it
 # ######################################################################################################################
-# ==== Arguments =======================================================================================================
+# ==== Flags ===========================================================================================================
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: ...)" where the help says it or it is resolved later (None)
         return action.help if action.default is None or "default" in action.help else super()._get_help_string(action)
@@ -122,13 +124,12 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
     a("--compile", action="store_true", help="torch.compile the model in place (slower start, faster steps; on the "
       "CPU it needs a C++ compiler)")
-    p.set_defaults(lr_batch=lr_batch)
+    p.set_defaults(lr_batch=lr_batch, mean=None, std=None)  # mean, std: the pixel statistics (Run.resolve)
 
 
 def parse(p, argv=None):
-    """Parse and check; reads a checkpoint, writes nothing. With --resume, flags not given take the checkpoint's
-    values (resolved ones too: decode size, recipe, normalisation, crops), a given flag that differs is an error, and
-    --epochs may change (the schedules are then recomputed over the new total: Run.resume says so)."""
+    """Parse and check the flags. With --resume, flags not given take the checkpoint's values and a given flag that
+    differs is an error (resume_args); a run that has already trained its --epochs says so and exits 0."""
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = p.parse_args(argv)
     for flag, (lo, hi) in [(k, v) for k, v in vars(args).items() if k.endswith("_scale") and v]:
@@ -138,20 +139,542 @@ def parse(p, argv=None):
         torch.device("cpu" if args.device == "auto" else args.device)
     except RuntimeError:
         die(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:K")
-    if not args.resume:
-        return args
+    return resume_args(p, argv, args) if args.resume else args
+
+
+# ==== The run's public face ===========================================================================================
+class Run:
+    """This process's training run: the device, the run folder (locked while the run lives), the values it resolved
+    (`config`, what every checkpoint saves as `args`), the last checkpoint written (`saved`), the log records (`log`),
+    the epochs finished (`done`) and a signal that arrived while a checkpoint was being written (`signal`)."""
+
+    def __init__(self, args):
+        """Join torchrun's process group, pick the device, claim the run folder (rank 0; the others take its name),
+        catch SIGINT / SIGTERM, seed."""
+        self.args = args  # the flags; from resolve() on, every resolved value
+        self.device = init_device(args)
+        self.rank = world_rank()[1]
+        self.out_dir, self.lock = claim_folder(args, self.rank)
+        self.checkpoint = load_checkpoint(args.resume) if args.resume else None  # until resume() has loaded it
+        self.config, self.steps = None, None  # fixed by resolve()
+        self.saved = None  # (path, epoch) of the last checkpoint written or resumed from
+        self.log = []  # the log records, also kept in every checkpoint
+        self.done = 0  # epochs finished
+        self.writing = False  # a checkpoint and its log line are being written: a signal waits
+        self.signal = None  # the signal that arrived while writing
+        self.pid = os.getpid()  # DataLoader workers inherit the handler; only this process stops the run
+        self.handlers = {s: signal.signal(s, self.interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        torch.manual_seed(args.seed)  # every random draw of the scripts comes from torch generators
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def resolve(self, data, **resolved):
+        """Every value the run uses, resolved once before its first step: the flags, what the method resolved from
+        them (`resolved`, e.g. DINO's crops), the run folder, the data tier and cache folder, the decode size, the
+        pixel statistics and the learning rate after batch scaling (base_lr = --lr x batch / lr_batch). Printed as one
+        `config:` block and saved in every checkpoint; -> them as the namespace train() reads from then on."""
+        a = self.args
+        self.config = {**vars(a), **resolved, "out_dir": self.out_dir, "data_on": data.tier,
+                       "cache_dir": data.cache_dir, "image_size": data.size, "mean": data.stats[0].tolist(),
+                       "std": data.stats[1].tolist(), "base_lr": a.lr * a.batch_size / a.lr_batch}
+        self.args, self.steps = argparse.Namespace(**self.config), len(data.images) // a.batch_size
+        if self.rank == 0:
+            show = lambda v: ",".join(map(show, v)) if isinstance(v, (list, tuple)) else (  # noqa: E731
+                f"{v:.4g}" if isinstance(v, float) else str(v))
+            print(textwrap.fill(" ".join(f"{k}={show(v)}" for k, v in self.config.items()), 120,
+                                initial_indent="config: ", subsequent_indent="  "), file=sys.stderr)
+        return self.args
+
+    def resume(self, model, opt):
+        """Load a resumed run's model and optimiser state and restore its log; -> the epoch to start from (0 for a new
+        run). A changed --epochs is said in one line: every schedule is recomputed over the new total."""
+        ck, args = self.checkpoint, self.args
+        if ck is None:
+            return 0
+        self.checkpoint = None  # loaded: not kept in memory for the run
+        getattr(model, "module", model).load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        self.done, self.saved = ck["epoch"], (args.resume, ck["epoch"])
+        self.log = restore_log(ck, os.path.join(self.out_dir, "log.jsonl"))
+        if self.rank == 0:
+            print(f"resumed from {args.resume} at epoch {self.done}", file=sys.stderr)
+            if ck["args"]["epochs"] != args.epochs:  # the cosine of this run's own schedule, with its lr scaling
+                s = self.steps
+                lr = cosine(self.done * s, args.epochs * s, args.base_lr, 0.0, args.warmup_epochs * s)
+                print(restart_note(ck["args"]["epochs"], args.epochs, self.log, lr), file=sys.stderr)
+        return self.done
+
+    def monitor_due(self, epoch):
+        """Whether rank 0 runs the kNN monitor after `epoch` (0-based): every --eval-every epochs and at the end."""
+        done, every = epoch + 1, self.args.eval_every
+        return self.rank == 0 and bool(every) and (done % every == 0 or done == self.args.epochs)
+
+    def save(self, record, model, backbone, opt):
+        """Rank 0: write last.pt (and every --save-every epochs epochNNNN.pt) holding the log records, then append the
+        epoch's record to log.jsonl: the log never runs ahead of the checkpoint, and a signal that arrives meanwhile
+        waits for both. record: {"epoch": epochs done, ...}."""
+        self.done = record["epoch"]
+        if self.rank != 0:
+            return
+        state = {"args": self.config, "epoch": self.done, "backbone": backbone.state_dict(), "log": self.log + [record],
+                 "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
+        self.writing = True  # a signal now waits for the checkpoint and the log line
+        self.saved, self.log = write_checkpoint(self.out_dir, state, self.args.save_every), state["log"]
+        self.writing = False
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if self.signal:
+            self.stop(self.signal, mid_epoch=False)
+
+    def finish(self):
+        """After the last epoch: release the folder and the signals, and say how to evaluate the run and train on."""
+        self.release()
+        if self.rank == 0:
+            script, ck = shlex.quote(sys.argv[0]), shlex.quote(os.path.join(self.out_dir, "last.pt"))
+            print(f"done: {self.out_dir}. Evaluate: python eval_linear.py --checkpoint {ck}  Train on: python "
+                  f"{script} --resume {ck} --epochs {2 * self.done} (a warm restart: the schedules start again over "
+                  f"the new total)", file=sys.stderr)
+
+    def interrupted(self, signum, frame=None):
+        """The SIGINT / SIGTERM handler. While a checkpoint and its log line are written the signal waits for them
+        (save() stops then); in a DataLoader worker it is left to the main process."""
+        self.signal = signum
+        if os.getpid() == self.pid and not self.writing:
+            self.stop(signum, mid_epoch=True)
+
+    def stop(self, signum, mid_epoch):
+        """Release the run, say where it stopped and how to continue it (stop_message), exit 128 + signal."""
+        self.release()
+        if self.rank == 0:
+            print(stop_message(signum, self.done, self.args.epochs, self.saved, mid_epoch), file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def release(self):
+        """Unlock the run folder and give the signals back to the handlers they had before the run."""
+        if self.lock:
+            self.lock.close()
+            self.lock = None
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+
+
+# ==== Data: uint8 images (N, 3, S, S) + int64 labels (N,) (-1: none) ==================================================
+Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))  # masks: uint8 (N, H, W) or None
+Data = collections.namedtuple("Data", "images memory val stats size tier cache_dir", defaults=(None, "device", None))
+# the training images, the labelled kNN memory and query splits, pixel (mean, std), the model's input side, where the
+# training images live (--data-on) and their cache folder (disk tier)
+
+
+def load_data(args, device):
+    """-> Data: the pretraining images where --data-on says (device: a uint8 tensor on `device`; cpu / disk: Images
+    that feed `batches` on it), the labelled kNN memory and query splits, the per-channel pixel (mean, std) of up to
+    10k pretraining images (a resumed run's come from its checkpoint) and the model's input side. Writes nothing into
+    args: Run.resolve takes the tier, the sizes and the statistics from the Data."""
+    kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
+              classes=args.classes)
+    src = dataset_source(args.dataset, split="train", **kw)  # the image files or arrays, before decoding
+    tier = choose_tier(src, device) if args.data_on == "auto" else args.data_on
+    cache_dir = args.cache_dir or os.path.join(args.data_dir, "decoded") if tier == "disk" else args.cache_dir
+    kw.update(image_size=model_side(args.dataset, args.image_size, source_side(src)), skip_bad=args.skip_bad_images,
+              cache_dir=cache_dir if tier == "disk" else None)
+    train = subset(get_dataset(args.dataset, split="train", src=src, **kw), args.num_train)
+    memory = train if args.dataset in OWN_LABELS else get_dataset(args.dataset, split="memory", **kw)
+    stats = normalisation(args, train.images)
+    images = train.images.to(device) if tier == "device" else (
+        train.images if tier == "disk" else Images(train.images)).to(device, workers=loader_workers(args.workers))
+    return Data(images, memory, get_dataset(args.dataset, split="val", **kw), stats, kw["image_size"], tier, cache_dir)
+
+
+def batches(images, batch_size, epoch, seed):
+    """One epoch of uint8 batches on the training device; the permutation depends only on (seed, epoch), so resume is
+    exact, and on no tier: every tier yields the same batches. Under torchrun each rank takes its slice of the same
+    global batch (batch_size is the global size) and, from Images, reads only those rows."""
+    world, rank = world_rank()
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    steps, local = len(images) // batch_size, batch_size // world
+    if steps == 0:
+        die(f"--batch-size {batch_size} is larger than the {len(images)} training images")
+    if isinstance(images, Images):
+        feed = images.batches([perm[s * batch_size + rank * local:][:local] for s in range(steps)])
+    else:  # on the device: the permutation moves there once, each batch is one index
+        perm = perm.to(images.device)
+        feed = (images.index_select(0, perm[s * batch_size + rank * local:][:local]) for s in range(steps))
+    yield from tqdm(feed, total=steps, desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True)
+
+
+# ==== Batched augmentation, all samples at once on the device =========================================================
+class MultiCrop:
+    """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of side image_size (from the whole
+    decoded square, which may be larger: ImageNet's 224 px crops of 256 px squares), then `n_local` of local_side.
+    Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1 global,
+    0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
+
+    def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                 color=True):
+        self.groups = [(n_global, image_size, tuple(global_scale), [(1.0, 0.1)[i % 2] for i in range(n_global)],
+                        [(0.0, 0.2)[i % 2] for i in range(n_global)]),  # (count, side, scale, blur p, solarise p)
+                       (n_local, local_side(image_size), tuple(local_scale), [0.5] * n_local, [0.0] * n_local)]
+        self.mean, self.std = stats[0].view(1, 3, 1, 1), stats[1].view(1, 3, 1, 1)
+        self.big, self.color = image_size >= 64, color
+
+    def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
+        """One crop per row of x (float in [0, 1]); blur_p / solarize_p are scalars or per-row (B, 1, 1, 1)."""
+        B, dev = x.shape[0], x.device
+        coin = lambda p: torch.rand(B, 1, 1, 1, generator=g, device=dev) < p  # noqa: E731
+        v = random_resized_crop(x, size, scale, g).clamp(0, 1)
+        if self.color:
+            v = torch.where(coin(0.8), color_jitter(v, g), v)
+            v = torch.where(coin(0.2), gray(v).expand_as(v), v)
+            if self.big:
+                v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
+                v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
+        v = (v - self.mean.to(dev)) / self.std.to(dev)
+        return v.contiguous(memory_format=torch.channels_last) if cuda_paths(dev) else v  # the GPU's conv layout
+
+    def __call__(self, x, g):
+        """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
+        x, views = x.float() / 255, []
+        for n, size, scale, blur, solarize in self.groups:
+            if n and not cuda_paths(x.device):  # CPU: one cache-sized pass per crop (1.4x faster for 2 + 6 crops)
+                views += [self.view(x, size, scale, g, b, s) for b, s in zip(blur, solarize)]
+            elif n:  # GPU: the n crops of one size in one pass (few, large kernels), then split
+                per_row = [torch.tensor(p, device=x.device).repeat_interleave(len(x)).view(-1, 1, 1, 1)
+                           for p in (blur, solarize)]
+                views += self.view(x.repeat(n, 1, 1, 1), size, scale, g, *per_row).split(len(x))
+        return views
+
+
+def forward_crops(backbone, views):
+    """Backbone features of a list of crops, larger crops first ((N, 3, S_v, S_v) each): one pass per crop size, so
+    BatchNorm sees every crop of that size at once. -> (V * N, feature_dim), crops in the given order."""
+    sizes = sorted({v.shape[-1] for v in views}, reverse=True)
+    return torch.cat([backbone(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes])
+
+
+def local_side(image_size):
+    """The side of a local crop: half the image's, or from 224 px up 3/7 of it (DINO's 96 px at 224)."""
+    return 96 * image_size // 224 if image_size >= 224 else max(image_size // 2, 8)
+
+
+def _u(shape, lo, hi, g, device):
+    return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
+
+
+def random_resized_crop(x, size, scale, g, ratio=(3 / 4, 4 / 3), flip=True):
+    """torchvision's RandomResizedCrop + horizontal flip for a whole batch: per-sample boxes (10 tries,
+    else the whole image), then one bilinear grid_sample. x float (B, C, H, W) -> (B, C, size, size)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    area = _u((B, 10), scale[0], scale[1], g, dev) * H * W
+    logr = _u((B, 10), math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    w = (area * logr.exp()).sqrt().round()
+    h = (area / logr.exp()).sqrt().round()
+    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = ok.float().argmax(1, keepdim=True)  # first valid try
+    w = torch.where(ok.any(1), w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], W))
+    h = torch.where(ok.any(1), h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], H))
+    j = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).floor()
+    i = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).floor()
+    sx = w / W * (torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * j + w) / W - 1  # output [-1, 1] -> input box [j, j + w)
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * i + h) / H - 1
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def gray(x):
+    """Luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601), (B, 3, H, W) -> (B, 1, H, W): PIL's convert("L"), which the
+    official SimCLR and DINO pipelines apply through PIL. torchvision's tensor rgb_to_grayscale weighs R 0.2989 (its
+    weights sum to 0.9999, so a grey pixel is not left as it is): not taken, so that a grey image stays grey."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def color_jitter(x, g, b=0.4, c=0.4, s=0.2, h=0.1):
+    """torchvision's ColorJitter(b, c, s, h) in its fixed order (brightness, contrast, saturation, hue) with a factor
+    per sample: each sample's result is adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x)))) of
+    torchvision.transforms.v2.functional at that sample's factors, up to the grey weights of `gray` (tested).
+    x float (B, 3, H, W) in [0, 1]."""
+    B, dev = x.shape[0], x.device
+    x = (x * _u((B, 1, 1, 1), 1 - b, 1 + b, g, dev)).clamp(0, 1)
+    m = gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean grey level
+    x = ((x - m) * _u((B, 1, 1, 1), 1 - c, 1 + c, g, dev) + m).clamp(0, 1)
+    gr = gray(x)  # saturation: blend with the grey image
+    x = ((x - gr) * _u((B, 1, 1, 1), 1 - s, 1 + s, g, dev) + gr).clamp(0, 1)
+    # Hue: RGB -> HSV (value v = max, chroma delta = max - min, hue from the sector of the largest channel), shift H
+    # by the factor (mod 1), back to RGB by the closed form channel_n = v (1 - sat clamp(min(k, 4 - k), 0, 1)) with
+    # k = (n + 6 H) mod 6 and n = 5, 3, 1 for R, G, B ("HSV to RGB, alternative", Wikipedia's HSL and HSV article;
+    # the same map as torchvision's _hsv_to_rgb, written without its per-sector lookup).
+    v, arg = x.max(1)
+    delta = v - x.min(1).values
+    r, gg, bb = x.unbind(1)
+    d = delta.clamp_min(1e-8)
+    hue = torch.where(arg == 0, ((gg - bb) / d) % 6, torch.where(arg == 1, (bb - r) / d + 2, (r - gg) / d + 4)) / 6
+    hue = (hue + _u((B, 1, 1), -h, h, g, dev)) % 1.0
+    sat = torch.where(v > 0, delta / v.clamp_min(1e-8), torch.zeros_like(v))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=dev).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(x, g, sigma=(0.1, 2.0)):
+    """Per-sample Gaussian blur (kernel ~10% of the side, as DINO's 23 px at 224) as one grouped conv."""
+    B, C, H, W = x.shape
+    k = 2 * max(1, round(0.05 * H)) + 1
+    sig = _u((B, 1), sigma[0], sigma[1], g, x.device)
+    t = torch.arange(k, device=x.device) - k // 2
+    ker = torch.exp(-(t**2) / (2 * sig**2))
+    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
+    return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
+
+
+# ==== Backbones =======================================================================================================
+def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
+    """-> (backbone, feature_dim). The backbone maps (B, 3, S, S) images to (B, feature_dim).
+    ViT patch size: 4 for <= 32 px, 8 for <= 96 px, else 16, unless `patch` is given."""
+    R = torchvision.models.resnet
+    if arch == "resnet18":
+        return ResNet(R.BasicBlock, [2, 2, 2, 2], width, image_size <= 64), 8 * width
+    if arch == "resnet50":
+        return ResNet(R.Bottleneck, [3, 4, 6, 3], width, image_size <= 64), 32 * width
+    dim, heads = (192, 3) if arch == "vit_tiny" else (384, 6)
+    patch = patch or (4 if image_size <= 32 else 8 if image_size <= 96 else 16)
+    if image_size % patch:
+        die(f"image size {image_size} is not divisible by the ViT patch size {patch}")
+    return ViT(pool, image_size=image_size, patch_size=patch, num_layers=12, num_heads=heads, hidden_dim=dim,
+               mlp_dim=4 * dim), dim
+
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision ResNet with stage widths width*(1, 2, 4, 8) and, for small images, the CIFAR stem
+    (3x3 conv stride 1, no max-pool). The classifier is removed: forward returns pooled features."""
+
+    def __init__(self, block, layers, width=64, small_input=True):
+        super().__init__(block, layers)
+        self.inplanes = width
+        if small_input:
+            self.conv1, self.maxpool = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
+        self.fc = nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision ViT returning the CLS token after the final LayerNorm (pool='cls') or the mean of the patch tokens
+    (pool='mean'); smaller inputs (local crops) get bicubically interpolated position embeddings."""
+
+    def __init__(self, pool="cls", **kw):
+        super().__init__(**kw)
+        self.heads, self.pool = nn.Identity(), pool
+
+    def pos_embed(self, n):  # (1, 1 + n, D) for n patches
+        pos = self.encoder.pos_embedding
+        if n == pos.shape[1] - 1:
+            return pos
+        g0, g = int(round((pos.shape[1] - 1) ** 0.5)), int(round(n**0.5))
+        grid = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        return torch.cat([pos[:, :1], grid], 1)
+
+    def tokens(self, x):  # (B, 3, S, S) -> (B, L, D) patch tokens, no CLS, no position
+        return self.conv_proj(x).flatten(2).transpose(1, 2)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed(x.shape[1])
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))  # (B, 1 + L, D)
+        return x[:, 0] if self.pool == "cls" else x[:, 1:].mean(1)
+
+
+# ==== Devices, optimiser, schedules ===================================================================================
+def autocast(args, device):
+    """bf16 autocast on the CUDA paths (--no-amp: off); the losses compute in fp32 inside it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and cuda_paths(device))
+
+
+def to_device(model, device, args):
+    """Move to `device` (channels-last where `channels_last` says; the first convolution then takes its input to that
+    layout), compile in place with --compile (state_dict keys unchanged), and under torchrun wrap in
+    DistributedDataParallel."""
+    layout = torch.channels_last if channels_last(device, args) else torch.preserve_format
+    model = model.to(device, memory_format=layout)
+    if args.compile:
+        model.compile()
+    if not dist.is_initialized():
+        return model
+    if device.type != "cuda":  # gloo on the CPU: BatchNorm stays per rank
+        return nn.parallel.DistributedDataParallel(model)
+    # CUDA alone (NCCL; no CPU test can run this line): BatchNorm statistics synchronised across ranks
+    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
+
+
+def optimizer(args, model, betas=(0.9, 0.999)):
+    """sgd (momentum 0.9) or adamw (fused on the CUDA paths) at lr args.base_lr (Run.resolve: --lr x batch / lr_batch).
+    Weight decay on weight matrices and kernels only (the group marked "decay"), not on biases and norm parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd, "decay": True},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "decay": False}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.base_lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.base_lr, betas=betas, fused=cuda_paths(params[0].device))
+
+
+def set_schedule(opt, lr, wd=None):
+    """This step's learning rate for every group and, when given, its weight decay for the groups marked "decay"."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+        if wd is not None and group["decay"]:
+            group["weight_decay"] = wd
+
+
+def cosine(step, total, base, final=0.0, warmup=0):
+    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine from `base` to `final` at step `total`."""
+    if step < warmup:
+        return base * step / warmup
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
+
+
+def aug_generator(args, device, epoch):
+    """Augmentation randomness depends on (seed, rank, epoch) only, so a resumed run sees the same crops."""
+    return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
+
+
+# ==== Distributed: the whole batch in a loss, with its gradient =======================================================
+def gather(x, dim=0):
+    """x of every rank, concatenated along `dim` in rank order, with a gradient (each slice gets the sum over ranks):
+    a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one."""
+    return torch.cat(_AllGather.apply(x), dim) if dist.is_initialized() else x
+
+
+def columns(*xs, dim=0):
+    """For a loss computed on this rank's rows against the whole batch: each x of every rank concatenated along `dim`
+    (`gather`, with its gradient), then the offset of this rank's rows in them (0 in one process): the loss takes
+    (rows..., columns..., offset). Memory and work per rank are then local x global. Its mean over this rank's rows,
+    back-propagated on every rank, gives after DDP's gradient mean the single-process gradient, since each rank's
+    gradient reaches the others' rows through the gather (tests/test_distributed.py)."""
+    return (*(gather(x, dim) for x in xs), world_rank()[1] * xs[0].shape[dim])
+
+
+def all_sum(x):
+    """x summed over ranks, with a gradient (M-MAE's d x d Z^T Z of the whole batch); x itself in one process."""
+    return _AllSum.apply(x) if dist.is_initialized() else x
+
+
+# ==== Metrics and the non-finite stop =================================================================================
+class Metrics:
+    """An epoch's per-step values, summed by name on the device (no host sync per step); `means()` is the epoch's one
+    host sync."""
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, **values):  # once per step: name=scalar tensor
+        self.steps += 1
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach()
+
+    def __getitem__(self, name):
+        return self.sums[name]
+
+    def means(self):  # under torchrun the mean over ranks too (each rank's loss is its own rows' share)
+        values = torch.stack(list(self.sums.values())) / self.steps
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        return dict(zip(self.sums, values.tolist()))
+
+
+def check_finite(total, epoch, step=None, every=50):
+    """Stop with one line once the running loss sum is not finite: every `every` steps of an epoch (one host sync
+    each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
+    if (step is None or (step + 1) % every == 0) and not math.isfinite(total):
+        where = f" (within steps {step + 2 - every}-{step + 1})" if step is not None else ""
+        die(f"the loss became {float(total)} in epoch {epoch + 1}{where}; stopping. Try a lower --lr, a longer "
+            f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
+
+
+# ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
+def knn_monitor(backbone, data, device):
+    """kNN top-1 (k=20) of data.val against the labelled images of data.memory (data: a Data of load_data)."""
+    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device, data.size)
+                                  for d in (data.memory, data.val))
+    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
+
+
+@torch.no_grad()
+def extract_features(backbone, data, stats, device, size=None, batch_size=512):
+    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`; the
+    centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre crop 224)."""
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    was, feats = backbone.training, []
+    backbone.eval()
+    for i in range(0, len(data.images), batch_size):
+        x = data.images[i: i + batch_size].to(device)
+        if size and size < x.shape[-1]:
+            o = (x.shape[-1] - size) // 2
+            x = x[..., o: o + size, o: o + size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
+            feats.append(backbone((x.float() / 255 - mean) / std).float())
+    backbone.train(was)
+    return torch.cat(feats), data.labels.to(device)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
+    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
+    -> (top1, top5) accuracy in percent."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    C, k = int(train_y.max()) + 1, min(k, len(train_f))
+    correct1 = correct5 = 0
+    for i in range(0, len(test_f), batch_size):
+        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), C, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
+        pred = votes.topk(min(5, C), dim=1).indices
+        y = test_y[i: i + batch_size, None]
+        correct1 += (pred[:, :1] == y).sum().item()
+        correct5 += (pred == y).any(1).sum().item()
+    return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
+
+
+# ######################################################################################################################
+# PART II: what keeps runs safe and scales them. A reader of a method file need not go further: nothing above
+# calls back up here from below, and nothing here is method-specific.
+# ######################################################################################################################
+# ==== Argument resolution and resume checks ===========================================================================
+def resume_args(p, argv, args):
+    """--resume: the checkpoint to continue (find_resume without a path) and its values for the flags not given (the
+    resolved ones too: decode size, recipe, normalisation, crops); a given flag that differs is an error, and --epochs
+    may change (the schedules are then recomputed over the new total: Run.resume says so). A run that has trained its
+    --epochs already says so and exits 0, after mending a log line that a kill cut after its last checkpoint."""
     resume = find_resume(args) if args.resume == "auto" else args.resume
-    out_dir, saved = args.out_dir or os.path.dirname(resume) or ".", load_checkpoint(resume)["args"]
+    out_dir, ck = args.out_dir or os.path.dirname(resume) or ".", load_checkpoint(resume)
+    saved = ck["args"]
     if saved.get("method") != args.method:
         die(f"{resume} is a {saved.get('method')} checkpoint, not {args.method}")
     free = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
             "save_every", "epochs", "data_on", "cache_dir", "workers"}  # what a resumed run may change
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "out_dir", "device")})  # flags not given
     args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": resume, "out_dir": out_dir})
-    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint has {v})" for k, v in saved.items()
-              if k not in free and json.dumps(getattr(args, k)) != json.dumps(v)]
+    given = vars(args)
+    differ = [f"--{k.replace('_', '-')} {given[k]} (the checkpoint has {v})" for k, v in saved.items()
+              if k not in free and json.dumps(given.get(k)) != json.dumps(v)]
     if differ:
         die(f"--resume {resume}: a different run: {'; '.join(differ)}. Start a new run instead (no --resume)")
+    if ck["epoch"] >= args.epochs:  # nothing to train
+        if os.environ.get("RANK", "0") == "0":
+            restore_log(ck, os.path.join(out_dir, "log.jsonl"))
+        print(f"{resume} has trained {ck['epoch']} of --epochs {args.epochs}: nothing to do (give a larger --epochs "
+              f"to train on)", file=sys.stderr)
+        raise SystemExit(0)
     return args
 
 
@@ -167,10 +690,88 @@ def find_resume(args):
     return max(found, key=os.path.getmtime)
 
 
-# ==== Data: uint8 images (N, 3, S, S) + int64 labels (N,) (-1: none) ==================================================
-Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))  # masks: uint8 (N, H, W) or None
+# ==== Devices and DDP set-up ==========================================================================================
+CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True to run them on CPU tensors
 
 
+def cuda_paths(device):
+    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, channels-last crops and model,
+    fused AdamW), decided here alone so that a test runs them all on the CPU. The CPU stays fp32 and per crop: CPU
+    bf16 is ~20x slower."""
+    return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
+
+
+def channels_last(device, args):
+    """Whether the model runs channels-last (NHWC): on the CUDA paths (tensor cores), and on the CPU for ResNets of
+    width >= 16, where oneDNN's channels-last step was 1.1-1.9x faster at 32-128 px; not below, where its backward
+    crashed the process at widths 4 and 8 on 64 px images (docs/scale.md, Devices: the width x size table)."""
+    return cuda_paths(device) or (args.arch.startswith("resnet") and args.width >= 16)
+
+
+def pick_device(name):
+    """--device: auto (CUDA when visible, else the CPU), cpu, cuda, cuda:K; anything else is a one-line error."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        die(f"--device {name} is not a device: use auto, cpu, cuda or cuda:K")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name} asked for, but no CUDA device is visible")
+    return device
+
+
+def init_device(args):
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU) and pick the device: --device,
+    or under torchrun this rank's GPU (LOCAL_RANK)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
+    if args.batch_size % world_rank()[0]:
+        die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world_rank()[0]}")
+    device = pick_device(args.device)
+    if str(device) == "cuda":  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def world_rank():
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+class _AllGather(torch.autograd.Function):
+    """dist.all_gather with a backward: the gradient of each rank's slice is the sum over ranks of the gradients that
+    reached it (an all-reduce; a bare all_gather would have none)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = torch.stack(grads)  # (world, *x.shape)
+        dist.all_reduce(total)
+        return total[dist.get_rank()]
+
+
+class _AllSum(torch.autograd.Function):
+    """dist.all_reduce (sum) with a backward: the gradient is the sum over ranks of the gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+# ==== Dataset sources =================================================================================================
 @functools.lru_cache(maxsize=4)  # made once per process (read-only afterwards)
 def synthetic(n, seed, size=32):
     """Ten shape kinds (the label) with nuisances the SSL augmentations remove: a colour from a palette of four,
@@ -214,72 +815,80 @@ def synthetic(n, seed, size=32):
     return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), y, masks)
 
 
-def _read(files, size):
-    """DataLoader collate_fn: image files -> uint8 (B, 3, size, size) (shorter side resized, centre crop), status (B,)
-    (0 ok, 1 unreadable, 2 too large) and the shorter sides (B,). Never raises: a worker must not end the run."""
-    from PIL import Image
-    tf = torchvision.transforms
-    resize, out = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()]), []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                if im.mode[0] in "IF":  # 16-bit or float (I;16, I, F): scaled from its range, where RGB would clip
-                    hi = im.getextrema()[1]
-                    top = 65535 if im.mode.startswith("I;16") else next(t for t in (1, 255, 65535, hi) if hi <= t)
-                    im = im.convert("F").point(lambda v: v * 255 / top + 0.5).convert("L")
-                out.append((resize(im.convert("RGB")), 0, min(im.size)))  # grey, palette, RGBA, CMYK -> RGB
-        except Exception as e:
-            bad = 2 if isinstance(e, Image.DecompressionBombError) else 1
-            out.append((torch.zeros(3, size, size, dtype=torch.uint8), bad, 0))
-    x, status, sides = zip(*out)
-    return torch.stack(x), torch.tensor(status), torch.tensor(sides)
-
-
 # image files with their labels, to decode as `size` px squares for a model of input side `crop`
 Source = collections.namedtuple("Source", "files labels where size crop")
+
+
 FOLDERS = ("folder", "tinyimagenet", "imagenet", "food101")  # the datasets of image files
 OWN_LABELS = FOLDERS + ("synthetic",)  # datasets whose labelled kNN memory is their training split
+SQUARES = ("imagenet", "food101")  # photographs decoded as squares 8/7 of the model's side, every crop taken from them
 
 
-def _decoded_batches(files, size, where):
-    """Image files -> batches of (uint8 (B, 3, size, size), status (B,), shorter sides (B,)), decoded in parallel by
-    DataLoader workers, behind a progress bar."""
-    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(32, os.cpu_count() or 1),
-                                         collate_fn=functools.partial(_read, size=size))
-    return tqdm(loader, desc=f"decoding {where}", leave=False, dynamic_ncols=True)
+def dataset_source(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, classes=None):
+    """-> a Split (datasets held as arrays: synthetic, CIFAR, STL-10) or a Source (the image files of a folder-like
+    dataset, the decode size and the model's input size). split: 'train' (pretraining images), 'memory' (labelled
+    train images for kNN / linear), 'val'. ImageNet and Food-101 photographs are decoded as squares 8/7 of the
+    model's side (256 px for 224: shorter side resized, centre crop), from which the crops are taken."""
+    if classes and name not in FOLDERS:
+        die(f"--classes selects classes of a folder-like dataset ({', '.join(FOLDERS)}), not of {name}")
+    if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
+        return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
+    if name in ("folder", "tinyimagenet", "imagenet"):
+        root = data_dir if name == "folder" else _imagenet(data_dir) if name == "imagenet" else _tiny_imagenet(
+            data_dir, download)
+        files, labels, where, names = _folder_files(root, split, tiny=name == "tinyimagenet")
+    elif name == "food101":
+        files, labels, where, names = _food101(data_dir, split, download)
+    else:
+        return _arrays(name, data_dir, split, download)
+    if classes:
+        files, labels = keep_classes(files, labels, names, classes)
+    if not files:
+        die(f"no image files found under {where}")
+    if name in SQUARES:
+        crop = model_side(name, image_size, None)
+        return Source(files, labels, where, crop + crop // 7, crop)
+    size = image_size or (64 if name == "tinyimagenet" else _common_side(files))
+    return Source(files, labels, where, size, size)
 
 
-def _check_decoded(files, status, sides, where, size, skip_bad):
-    """Undecodable files are an error, or skipped with a warning; says what was decoded. -> the mask of good files."""
-    for code, what in ((2, "are too large to decode (PIL's limit: ~179 million pixels)"),
-                       (1, "cannot be read as images")):
-        bad = [files[i] for i in (status == code).nonzero().flatten().tolist()]
-        msg = f"{len(bad)} of {len(files)} files under {where} {what} (first: {bad[0] if bad else ''})"
-        if bad and not skip_bad:
-            die(f"{msg}; remove them, or pass --skip-bad-images to train without them")
-        if bad:
-            print(f"warning: skipped {msg}", file=sys.stderr)
-    ok = status == 0
-    print(f"decoded {int(ok.sum())} images under {where} at {size} px ({int((sides[ok] != size).sum())} resized)",
-          file=sys.stderr)
-    return ok
+def model_side(name, image_size, decoded_side):
+    """The side of the model's input, decided here alone: --image-size (default 224) for the photographs of SQUARES,
+    whose squares are decoded at 8/7 of it (256 px for 224), else the side the images are decoded at."""
+    return image_size or 224 if name in SQUARES else decoded_side
 
 
-def _decode(src, skip_bad):
-    """A Source decoded into host memory -> Split."""
-    x, status, sides = (torch.cat(t) for t in zip(*_decoded_batches(src.files, src.size, src.where)))
-    ok = _check_decoded(src.files, status, sides, src.where, src.size, skip_bad)
-    return Split(x[ok], torch.as_tensor(src.labels)[ok])
+def source_side(src):
+    """The side a Source is decoded at, or that of a Split's images."""
+    return src.size if isinstance(src, Source) else src.images.shape[-1]
 
 
-def _common_side(files):
-    """folder's default decode size: the most common shorter side of up to 1000 evenly spaced files, at most 64."""
-    from PIL import Image
-    sides = collections.Counter()
-    for f in files[:: max(1, len(files) // 1000)]:
-        with contextlib.suppress(Exception), Image.open(f) as im:
-            sides[min(im.size)] += 1
-    return min(64, sides.most_common(1)[0][0]) if sides else 64
+def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False,
+                classes=None, cache_dir=None, src=None):
+    """The split decoded: in host memory, or with cache_dir (the disk tier) as Images over its decoded cache file
+    there (built first when missing or stale). src: its dataset_source when the caller has it already. -> Split."""
+    src = src or dataset_source(name, data_dir, split, download, image_size, seed, classes)
+    if cache_dir:
+        return cached(src, (name, "train" if split == "memory" and name in OWN_LABELS else split, source_side(src)),
+                      cache_dir, skip_bad, classes)
+    return _decode(src, skip_bad) if isinstance(src, Source) else src
+
+
+def _arrays(name, data_dir, split, download):
+    """CIFAR-10/100 and STL-10 through torchvision, as a Split."""
+    try:
+        if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
+            part = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]
+            ds = torchvision.datasets.STL10(data_dir, part, download=download)
+            return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
+        ds = (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
+            data_dir, train=split != "val", download=download)
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets))
+    except Exception as e:  # torchvision raises RuntimeError (missing) or URLError/OSError (offline)
+        how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
+        die(f"{name} {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put the torchvision "
+            f"archive (e.g. cifar-10-python.tar.gz) or its extracted folder in --data-dir {data_dir}, "
+            f"or try the pipeline offline with --dataset synthetic")
 
 
 def _folder_files(root, split, tiny=False):
@@ -313,6 +922,16 @@ def _folder_files(root, split, tiny=False):
             images = [os.path.join(d, f) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
             files, labels = files + images, labels + [classes.index(c)] * len(images)  # other files are ignored
     return files, labels, path, classes
+
+
+def _common_side(files):
+    """folder's default decode size: the most common shorter side of up to 1000 evenly spaced files, at most 64."""
+    from PIL import Image
+    sides = collections.Counter()
+    for f in files[:: max(1, len(files) // 1000)]:
+        with contextlib.suppress(Exception), Image.open(f) as im:
+            sides[min(im.size)] += 1
+    return min(64, sides.most_common(1)[0][0]) if sides else 64
 
 
 TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", 200)
@@ -391,7 +1010,7 @@ def _food101(data_dir, split, download):
     return [str(f) for f in ds._image_files], list(ds._labels), os.path.join(data_dir, "food-101"), ds.classes
 
 
-def _keep_classes(files, labels, classes, path):
+def keep_classes(files, labels, classes, path):
     """--classes FILE: only the classes FILE lists (a folder name, wnid or class name a line; '#' comments), labelled
     0..K-1 in the dataset's own order."""
     try:
@@ -408,64 +1027,57 @@ def _keep_classes(files, labels, classes, path):
     return [f for f, _ in kept], [y for _, y in kept]
 
 
-def dataset_source(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, classes=None):
-    """-> a Split (datasets held as arrays: synthetic, CIFAR, STL-10) or a Source (the image files of a folder-like
-    dataset, the decode size and the model's input size). split: 'train' (pretraining images), 'memory' (labelled
-    train images for kNN / linear), 'val'. ImageNet and Food-101 photographs are decoded as squares 8/7 of the
-    model's side (256 px for 224: shorter side resized, centre crop), from which the crops are taken."""
-    if classes and name not in FOLDERS:
-        die(f"--classes selects classes of a folder-like dataset ({', '.join(FOLDERS)}), not of {name}")
-    if name == "synthetic":  # 5000 train / 1000 val images, disjoint seeds
-        return synthetic(1000, seed + 1) if split == "val" else synthetic(5000, seed)
-    if name in ("folder", "tinyimagenet", "imagenet"):
-        root = data_dir if name == "folder" else _imagenet(data_dir) if name == "imagenet" else _tiny_imagenet(
-            data_dir, download)
-        files, labels, where, names = _folder_files(root, split, tiny=name == "tinyimagenet")
-    elif name == "food101":
-        files, labels, where, names = _food101(data_dir, split, download)
-    else:
-        return _arrays(name, data_dir, split, download)
-    if classes:
-        files, labels = _keep_classes(files, labels, names, classes)
-    if not files:
-        die(f"no image files found under {where}")
-    if name in ("imagenet", "food101"):
-        crop = image_size or 224
-        return Source(files, labels, where, crop + crop // 7, crop)
-    size = image_size or (64 if name == "tinyimagenet" else _common_side(files))
-    return Source(files, labels, where, size, size)
+# ==== Decoding, Images, tiers =========================================================================================
+def _read(files, size):
+    """DataLoader collate_fn: image files -> uint8 (B, 3, size, size) (shorter side resized, centre crop), status (B,)
+    (0 ok, 1 unreadable, 2 too large) and the shorter sides (B,). Never raises: a worker must not end the run."""
+    from PIL import Image
+    tf = torchvision.transforms
+    resize, out = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()]), []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                if im.mode[0] in "IF":  # 16-bit or float (I;16, I, F): scaled from its range, where RGB would clip
+                    hi = im.getextrema()[1]
+                    top = 65535 if im.mode.startswith("I;16") else next(t for t in (1, 255, 65535, hi) if hi <= t)
+                    im = im.convert("F").point(lambda v: v * 255 / top + 0.5).convert("L")
+                out.append((resize(im.convert("RGB")), 0, min(im.size)))  # grey, palette, RGBA, CMYK -> RGB
+        except Exception as e:
+            bad = 2 if isinstance(e, Image.DecompressionBombError) else 1
+            out.append((torch.zeros(3, size, size, dtype=torch.uint8), bad, 0))
+    x, status, sides = zip(*out)
+    return torch.stack(x), torch.tensor(status), torch.tensor(sides)
 
 
-def _arrays(name, data_dir, split, download):
-    """CIFAR-10/100 and STL-10 through torchvision, as a Split."""
-    try:
-        if name == "stl10":  # pretraining on train+unlabeled (labels -1), kNN memory on train
-            part = {"train": "train+unlabeled", "memory": "train", "val": "test"}[split]
-            ds = torchvision.datasets.STL10(data_dir, part, download=download)
-            return Split(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
-        ds = (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
-            data_dir, train=split != "val", download=download)
-        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets))
-    except Exception as e:  # torchvision raises RuntimeError (missing) or URLError/OSError (offline)
-        how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
-        die(f"{name} {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put the torchvision "
-            f"archive (e.g. cifar-10-python.tar.gz) or its extracted folder in --data-dir {data_dir}, "
-            f"or try the pipeline offline with --dataset synthetic")
+def _decoded_batches(files, size, where):
+    """Image files -> batches of (uint8 (B, 3, size, size), status (B,), shorter sides (B,)), decoded in parallel by
+    DataLoader workers, behind a progress bar."""
+    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(32, os.cpu_count() or 1),
+                                         collate_fn=functools.partial(_read, size=size))
+    return tqdm(loader, desc=f"decoding {where}", leave=False, dynamic_ncols=True)
 
 
-def get_dataset(name, data_dir="./data", split="train", download=True, image_size=None, seed=0, skip_bad=False,
-                classes=None, cache_dir=None):
-    """The split decoded: in host memory, or with cache_dir (the disk tier) as Images over its decoded cache file
-    there (built first when missing or stale). -> Split."""
-    src = dataset_source(name, data_dir, split, download, image_size, seed, classes)
-    if cache_dir:
-        return cached(src, (name, "train" if split == "memory" and name in OWN_LABELS else split, _side(src)),
-                      cache_dir, skip_bad, classes)
-    return _decode(src, skip_bad) if isinstance(src, Source) else src
+def _check_decoded(files, status, sides, where, size, skip_bad):
+    """Undecodable files are an error, or skipped with a warning; says what was decoded. -> the mask of good files."""
+    for code, what in ((2, "are too large to decode (PIL's limit: ~179 million pixels)"),
+                       (1, "cannot be read as images")):
+        bad = [files[i] for i in (status == code).nonzero().flatten().tolist()]
+        msg = f"{len(bad)} of {len(files)} files under {where} {what} (first: {bad[0] if bad else ''})"
+        if bad and not skip_bad:
+            die(f"{msg}; remove them, or pass --skip-bad-images to train without them")
+        if bad:
+            print(f"warning: skipped {msg}", file=sys.stderr)
+    ok = status == 0
+    print(f"decoded {int(ok.sum())} images under {where} at {size} px ({int((sides[ok] != size).sum())} resized)",
+          file=sys.stderr)
+    return ok
 
 
-def _side(src):
-    return src.size if isinstance(src, Source) else src.images.shape[-1]
+def _decode(src, skip_bad):
+    """A Source decoded into host memory -> Split."""
+    x, status, sides = (torch.cat(t) for t in zip(*_decoded_batches(src.files, src.size, src.where)))
+    ok = _check_decoded(src.files, status, sides, src.where, src.size, skip_bad)
+    return Split(x[ok], torch.as_tensor(src.labels)[ok])
 
 
 class Images:
@@ -557,6 +1169,20 @@ def pixel_stats(images, most=10000, chunk=None):
     return mean.float(), (m2 / max(n - 1, 1)).sqrt().float()
 
 
+def normalisation(args, images):
+    """Per-channel pixel (mean, std): a resumed run's from its checkpoint, else pixel_stats of the training images,
+    where a channel of one colour (std 0: every normalised pixel would be nan) is a one-line error."""
+    if args.mean is not None:
+        return torch.tensor(args.mean), torch.tensor(args.std)
+    stats = pixel_stats(images)
+    if flat := (stats[1] == 0).nonzero().flatten().tolist():
+        where = args.data_dir if args.dataset in FOLDERS else args.dataset
+        die(f"the {len(images)} pretraining images of {where} have a pixel standard deviation of 0 in channel "
+            f"{'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be normalised: check "
+            f"the images")
+    return stats
+
+
 def host_memory():
     """Bytes of host memory to be had without swapping (Linux: MemAvailable; else the free pages)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
@@ -579,660 +1205,11 @@ def choose_tier(src, device):
     return tier
 
 
-Data = collections.namedtuple("Data", "images memory val stats size", defaults=(None,))  # training images, kNN
-# splits, pixel (mean, std), the model's input side (None: the images')
-
-
-def load_data(args, device):
-    """-> Data: the pretraining images (--data-on device: a uint8 tensor on `device`; cpu / disk: Images that feed
-    `batches` on it), the labelled kNN memory / query splits (host memory, or Images on disk), the per-channel pixel
-    (mean, std) of up to 10k pretraining images (a resumed run's come from its checkpoint) and the model's input side.
-    Run.resolve saves the tier, the sizes and the statistics in the run's config, for eval and resume."""
-    kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
-              classes=getattr(args, "classes", None))
-    src = dataset_source(args.dataset, split="train", **kw)
-    args.data_on = tier = choose_tier(src, device) if getattr(args, "data_on", "device") == "auto" else args.data_on
-    kw.update(skip_bad=args.skip_bad_images, image_size=src.crop if isinstance(src, Source) else _side(src))
-    if tier == "disk":
-        args.cache_dir = kw["cache_dir"] = args.cache_dir or os.path.join(args.data_dir, "decoded")
-        train = cached(src, (args.dataset, "train", _side(src)), args.cache_dir, args.skip_bad_images, kw["classes"])
-    else:
-        train = _decode(src, args.skip_bad_images) if isinstance(src, Source) else src
-    train = subset(train, args.num_train)
-    memory = train if args.dataset in OWN_LABELS else get_dataset(args.dataset, split="memory", **kw)
-    if getattr(args, "mean", None) is None:
-        stats = pixel_stats(train.images)
-        if flat := (stats[1] == 0).nonzero().flatten().tolist():  # one colour: normalised, every pixel is nan
-            where = args.data_dir if args.dataset in FOLDERS else args.dataset
-            die(f"the {len(train.images)} pretraining images of {where} have a pixel standard deviation of 0 in "
-                f"channel {'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be "
-                f"normalised: check the images")
-    else:
-        stats = torch.tensor(args.mean), torch.tensor(args.std)
-    images = train.images.to(device) if tier == "device" else (
-        train.images if tier == "disk" else Images(train.images)).to(device, workers=loader_workers(args))
-    return Data(images, memory, get_dataset(args.dataset, split="val", **kw), stats, kw["image_size"])
-
-
-def loader_workers(args):
+def loader_workers(workers):
     """--workers, else per rank min(8, its share of the CPUs - 1), at least 1."""
-    if getattr(args, "workers", None) is not None:
-        return args.workers
+    if workers is not None:
+        return workers
     return max(1, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
-def batches(images, batch_size, epoch, seed):
-    """One epoch of uint8 batches on the training device; the permutation depends only on (seed, epoch), so resume is
-    exact, and on no tier: every tier yields the same batches. Under torchrun each rank takes its slice of the same
-    global batch (batch_size is the global size) and, from Images, reads only those rows."""
-    world, rank = world_rank()
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    steps, local = len(images) // batch_size, batch_size // world
-    if steps == 0:
-        die(f"--batch-size {batch_size} is larger than the {len(images)} training images")
-    if isinstance(images, Images):
-        feed = images.batches([perm[s * batch_size + rank * local:][:local] for s in range(steps)])
-    else:  # on the device: the permutation moves there once, each batch is one index
-        perm = perm.to(images.device)
-        feed = (images.index_select(0, perm[s * batch_size + rank * local:][:local]) for s in range(steps))
-    yield from tqdm(feed, total=steps, desc=f"epoch {epoch + 1}", disable=rank != 0, leave=False, dynamic_ncols=True)
-
-
-# ==== Batched augmentation, all samples at once on the device =========================================================
-def _u(shape, lo, hi, g, device):
-    return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
-
-
-def random_resized_crop(x, size, scale, g, ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision's RandomResizedCrop + horizontal flip for a whole batch: per-sample boxes (10 tries,
-    else the whole image), then one bilinear grid_sample. x float (B, C, H, W) -> (B, C, size, size)."""
-    B, _, H, W = x.shape
-    dev = x.device
-    area = _u((B, 10), scale[0], scale[1], g, dev) * H * W
-    logr = _u((B, 10), math.log(ratio[0]), math.log(ratio[1]), g, dev)
-    w = (area * logr.exp()).sqrt().round()
-    h = (area / logr.exp()).sqrt().round()
-    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)  # first valid try
-    w = torch.where(ok.any(1), w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], W))
-    h = torch.where(ok.any(1), h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], H))
-    j = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).floor()
-    i = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).floor()
-    sx = w / W * (torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * j + w) / W - 1  # output [-1, 1] -> input box [j, j + w)
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * i + h) / H - 1
-    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def gray(x):
-    """Luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601), (B, 3, H, W) -> (B, 1, H, W): PIL's convert("L"), which the
-    official SimCLR and DINO pipelines apply through PIL. torchvision's tensor rgb_to_grayscale weighs R 0.2989 (its
-    weights sum to 0.9999, so a grey pixel is not left as it is): not taken, so that a grey image stays grey."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def color_jitter(x, g, b=0.4, c=0.4, s=0.2, h=0.1):
-    """torchvision's ColorJitter(b, c, s, h) in its fixed order (brightness, contrast, saturation, hue) with a factor
-    per sample: each sample's result is adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x)))) of
-    torchvision.transforms.v2.functional at that sample's factors, up to the grey weights of `gray` (tested).
-    x float (B, 3, H, W) in [0, 1]."""
-    B, dev = x.shape[0], x.device
-    x = (x * _u((B, 1, 1, 1), 1 - b, 1 + b, g, dev)).clamp(0, 1)
-    m = gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean grey level
-    x = ((x - m) * _u((B, 1, 1, 1), 1 - c, 1 + c, g, dev) + m).clamp(0, 1)
-    gr = gray(x)  # saturation: blend with the grey image
-    x = ((x - gr) * _u((B, 1, 1, 1), 1 - s, 1 + s, g, dev) + gr).clamp(0, 1)
-    # Hue: RGB -> HSV (value v = max, chroma delta = max - min, hue from the sector of the largest channel), shift H
-    # by the factor (mod 1), back to RGB by the closed form channel_n = v (1 - sat clamp(min(k, 4 - k), 0, 1)) with
-    # k = (n + 6 H) mod 6 and n = 5, 3, 1 for R, G, B ("HSV to RGB, alternative", Wikipedia's HSL and HSV article;
-    # the same map as torchvision's _hsv_to_rgb, written without its per-sector lookup).
-    v, arg = x.max(1)
-    delta = v - x.min(1).values
-    r, gg, bb = x.unbind(1)
-    d = delta.clamp_min(1e-8)
-    hue = torch.where(arg == 0, ((gg - bb) / d) % 6, torch.where(arg == 1, (bb - r) / d + 2, (r - gg) / d + 4)) / 6
-    hue = (hue + _u((B, 1, 1), -h, h, g, dev)) % 1.0
-    sat = torch.where(v > 0, delta / v.clamp_min(1e-8), torch.zeros_like(v))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=dev).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
-    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def gaussian_blur(x, g, sigma=(0.1, 2.0)):
-    """Per-sample Gaussian blur (kernel ~10% of the side, as DINO's 23 px at 224) as one grouped conv."""
-    B, C, H, W = x.shape
-    k = 2 * max(1, round(0.05 * H)) + 1
-    sig = _u((B, 1), sigma[0], sigma[1], g, x.device)
-    t = torch.arange(k, device=x.device) - k // 2
-    ker = torch.exp(-(t**2) / (2 * sig**2))
-    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
-    return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
-
-
-def local_side(image_size):
-    """The side of a local crop: half the image's, or from 224 px up 3/7 of it (DINO's 96 px at 224)."""
-    return 96 * image_size // 224 if image_size >= 224 else max(image_size // 2, 8)
-
-
-class MultiCrop:
-    """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of side image_size (from the whole
-    decoded square, which may be larger: ImageNet's 224 px crops of 256 px squares), then `n_local` of local_side.
-    Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1 global,
-    0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
-
-    def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
-                 color=True):
-        self.groups = [(n_global, image_size, tuple(global_scale), [(1.0, 0.1)[i % 2] for i in range(n_global)],
-                        [(0.0, 0.2)[i % 2] for i in range(n_global)]),  # (count, side, scale, blur p, solarise p)
-                       (n_local, local_side(image_size), tuple(local_scale), [0.5] * n_local, [0.0] * n_local)]
-        self.mean, self.std = stats[0].view(1, 3, 1, 1), stats[1].view(1, 3, 1, 1)
-        self.big, self.color = image_size >= 64, color
-
-    def view(self, x, size, scale, g, blur_p=0.0, solarize_p=0.0):
-        """One crop per row of x (float in [0, 1]); blur_p / solarize_p are scalars or per-row (B, 1, 1, 1)."""
-        B, dev = x.shape[0], x.device
-        coin = lambda p: torch.rand(B, 1, 1, 1, generator=g, device=dev) < p  # noqa: E731
-        v = random_resized_crop(x, size, scale, g).clamp(0, 1)
-        if self.color:
-            v = torch.where(coin(0.8), color_jitter(v, g), v)
-            v = torch.where(coin(0.2), gray(v).expand_as(v), v)
-            if self.big:
-                v = torch.where(coin(blur_p), gaussian_blur(v, g), v)
-                v = torch.where(coin(solarize_p), torch.where(v >= 0.5, 1 - v, v), v)
-        v = (v - self.mean.to(dev)) / self.std.to(dev)
-        return v.contiguous(memory_format=torch.channels_last) if cuda_paths(dev) else v  # the GPU's conv layout
-
-    def __call__(self, x, g):
-        """uint8 (B, 3, H, W) on the device -> list of normalised views (B, 3, s, s), global crops first."""
-        x, views = x.float() / 255, []
-        for n, size, scale, blur, solarize in self.groups:
-            if n and not cuda_paths(x.device):  # CPU: one cache-sized pass per crop (1.4x faster for 2 + 6 crops)
-                views += [self.view(x, size, scale, g, b, s) for b, s in zip(blur, solarize)]
-            elif n:  # GPU: the n crops of one size in one pass (few, large kernels), then split
-                per_row = [torch.tensor(p, device=x.device).repeat_interleave(len(x)).view(-1, 1, 1, 1)
-                           for p in (blur, solarize)]
-                views += self.view(x.repeat(n, 1, 1, 1), size, scale, g, *per_row).split(len(x))
-        return views
-
-
-def forward_crops(backbone, views):
-    """Backbone features of a list of crops, larger crops first ((N, 3, S_v, S_v) each): one pass per crop size, so
-    BatchNorm sees every crop of that size at once. -> (V * N, feature_dim), crops in the given order."""
-    sizes = sorted({v.shape[-1] for v in views}, reverse=True)
-    return torch.cat([backbone(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes])
-
-
-# ==== Backbones =======================================================================================================
-class ResNet(torchvision.models.ResNet):
-    """torchvision ResNet with stage widths width*(1, 2, 4, 8) and, for small images, the CIFAR stem
-    (3x3 conv stride 1, no max-pool). The classifier is removed: forward returns pooled features."""
-
-    def __init__(self, block, layers, width=64, small_input=True):
-        super().__init__(block, layers)
-        self.inplanes = width
-        if small_input:
-            self.conv1, self.maxpool = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
-        self.fc = nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-class ViT(torchvision.models.VisionTransformer):
-    """torchvision ViT returning the CLS token after the final LayerNorm (pool='cls') or the mean of the patch tokens
-    (pool='mean'); smaller inputs (local crops) get bicubically interpolated position embeddings."""
-
-    def __init__(self, pool="cls", **kw):
-        super().__init__(**kw)
-        self.heads, self.pool = nn.Identity(), pool
-
-    def pos_embed(self, n):  # (1, 1 + n, D) for n patches
-        pos = self.encoder.pos_embedding
-        if n == pos.shape[1] - 1:
-            return pos
-        g0, g = int(round((pos.shape[1] - 1) ** 0.5)), int(round(n**0.5))
-        grid = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-        return torch.cat([pos[:, :1], grid], 1)
-
-    def tokens(self, x):  # (B, 3, S, S) -> (B, L, D) patch tokens, no CLS, no position
-        return self.conv_proj(x).flatten(2).transpose(1, 2)
-
-    def forward(self, x):
-        x = self.tokens(x)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed(x.shape[1])
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))  # (B, 1 + L, D)
-        return x[:, 0] if self.pool == "cls" else x[:, 1:].mean(1)
-
-
-def build_backbone(arch, image_size=32, width=64, pool="cls", patch=None):
-    """-> (backbone, feature_dim). The backbone maps (B, 3, S, S) images to (B, feature_dim).
-    ViT patch size: 4 for <= 32 px, 8 for <= 96 px, else 16, unless `patch` is given."""
-    R = torchvision.models.resnet
-    if arch == "resnet18":
-        return ResNet(R.BasicBlock, [2, 2, 2, 2], width, image_size <= 64), 8 * width
-    if arch == "resnet50":
-        return ResNet(R.Bottleneck, [3, 4, 6, 3], width, image_size <= 64), 32 * width
-    dim, heads = (192, 3) if arch == "vit_tiny" else (384, 6)
-    patch = patch or (4 if image_size <= 32 else 8 if image_size <= 96 else 16)
-    if image_size % patch:
-        die(f"image size {image_size} is not divisible by the ViT patch size {patch}")
-    return ViT(pool, image_size=image_size, patch_size=patch, num_layers=12, num_heads=heads, hidden_dim=dim,
-               mlp_dim=4 * dim), dim
-
-
-# ==== Device, distributed, optimiser, schedules, metrics ==============================================================
-CUDA_PATHS = None  # None: the CUDA paths on CUDA devices only; a test sets True to run them on CPU tensors
-
-
-def cuda_paths(device):
-    """Whether to take the paths written for a CUDA GPU (bf16 autocast, one-pass crops, channels-last crops and model,
-    fused AdamW), decided here alone so that a test runs them all on the CPU. The CPU stays fp32 and per crop: CPU
-    bf16 is ~20x slower."""
-    return device.type == "cuda" if CUDA_PATHS is None else CUDA_PATHS
-
-
-def channels_last(device, args):
-    """Whether the model runs channels-last (NHWC): on the CUDA paths (tensor cores), and on the CPU for ResNets of
-    width >= 16, where oneDNN's channels-last step was 1.1-1.9x faster at 32-128 px; not below, where its backward
-    crashed the process at widths 4 and 8 on 64 px images (README, Devices: the width x size table)."""
-    return cuda_paths(device) or (args.arch.startswith("resnet") and args.width >= 16)
-
-
-def autocast(args, device):
-    """bf16 autocast on the CUDA paths (--no-amp: off); the losses compute in fp32 inside it."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and cuda_paths(device))
-
-
-def pick_device(name):
-    """--device: auto (CUDA when visible, else the CPU), cpu, cuda, cuda:K; anything else is a one-line error."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        die(f"--device {name} is not a device: use auto, cpu, cuda or cuda:K")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name} asked for, but no CUDA device is visible")
-    return device
-
-
-def init_device(args):
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU) and pick the device: --device,
-    or under torchrun this rank's GPU (LOCAL_RANK)."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
-    if args.batch_size % world_rank()[0]:
-        die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world_rank()[0]}")
-    device = pick_device(args.device)
-    if str(device) == "cuda":  # one GPU per rank
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return device
-
-
-def world_rank():
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-class _AllGather(torch.autograd.Function):
-    """dist.all_gather with a backward: the gradient of each rank's slice is the sum over ranks of the gradients that
-    reached it (an all-reduce; a bare all_gather would have none)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        total = torch.stack(grads)  # (world, *x.shape)
-        dist.all_reduce(total)
-        return total[dist.get_rank()]
-
-
-def gather(x, dim=0):
-    """x of every rank, concatenated along `dim` in rank order, with a gradient (each slice gets the sum over ranks):
-    a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one."""
-    return torch.cat(_AllGather.apply(x), dim) if dist.is_initialized() else x
-
-
-def columns(*xs, dim=0):
-    """For a loss computed on this rank's rows against the whole batch: each x of every rank concatenated along `dim`
-    (`gather`, with its gradient), then the offset of this rank's rows in them (0 in one process): the loss takes
-    (rows..., columns..., offset). Memory and work per rank are then local x global. Its mean over this rank's rows,
-    back-propagated on every rank, gives after DDP's gradient mean the single-process gradient, since each rank's
-    gradient reaches the others' rows through the gather (tests/test_distributed.py)."""
-    return (*(gather(x, dim) for x in xs), world_rank()[1] * xs[0].shape[dim])
-
-
-class _AllSum(torch.autograd.Function):
-    """dist.all_reduce (sum) with a backward: the gradient is the sum over ranks of the gradients of the sum."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_sum(x):
-    """x summed over ranks, with a gradient (M-MAE's d x d Z^T Z of the whole batch); x itself in one process."""
-    return _AllSum.apply(x) if dist.is_initialized() else x
-
-
-def aug_generator(args, device, epoch):
-    """Augmentation randomness depends on (seed, rank, epoch) only, so a resumed run sees the same crops."""
-    return torch.Generator(device=device).manual_seed(args.seed * 1000003 + world_rank()[1] * 7919 + epoch)
-
-
-def to_device(model, device, args):
-    """Move to `device` (channels-last where `channels_last` says; the first convolution then takes its input to that
-    layout), compile in place with --compile (state_dict keys unchanged), and under torchrun wrap in
-    DistributedDataParallel."""
-    layout = torch.channels_last if channels_last(device, args) else torch.preserve_format
-    model = model.to(device, memory_format=layout)
-    if args.compile:
-        model.compile()
-    if not dist.is_initialized():
-        return model
-    if device.type != "cuda":  # gloo on the CPU: BatchNorm stays per rank
-        return nn.parallel.DistributedDataParallel(model)
-    # CUDA alone (NCCL; no CPU test can run this line): BatchNorm statistics synchronised across ranks
-    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device])
-
-
-def optimizer(args, model, betas=(0.9, 0.999)):
-    """sgd (momentum 0.9) or adamw (fused on the CUDA paths) at lr args.base_lr (Run.resolve: --lr x batch / lr_batch).
-    Weight decay on weight matrices and kernels only (the group marked "decay"), not on biases and norm parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd, "decay": True},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "decay": False}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.base_lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=args.base_lr, betas=betas, fused=cuda_paths(params[0].device))
-
-
-def set_schedule(opt, lr, wd=None):
-    """This step's learning rate for every group and, when given, its weight decay for the groups marked "decay"."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-        if wd is not None and group["decay"]:
-            group["weight_decay"] = wd
-
-
-def cosine(step, total, base, final=0.0, warmup=0):
-    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine from `base` to `final` at step `total`."""
-    if step < warmup:
-        return base * step / warmup
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min((step - warmup) / max(1, total - warmup), 1.0)))
-
-
-class Metrics:
-    """An epoch's per-step values, summed by name on the device (no host sync per step); `means()` is the epoch's one
-    host sync."""
-
-    def __init__(self):
-        self.sums, self.steps = {}, 0
-
-    def add(self, **values):  # once per step: name=scalar tensor
-        self.steps += 1
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach()
-
-    def __getitem__(self, name):
-        return self.sums[name]
-
-    def means(self):  # under torchrun the mean over ranks too (each rank's loss is its own rows' share)
-        values = torch.stack(list(self.sums.values())) / self.steps
-        if dist.is_initialized():
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
-        return dict(zip(self.sums, values.tolist()))
-
-
-# ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
-@torch.no_grad()
-def extract_features(backbone, data, stats, device, size=None, batch_size=512):
-    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`; the
-    centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre crop 224)."""
-    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
-    was, feats = backbone.training, []
-    backbone.eval()
-    for i in range(0, len(data.images), batch_size):
-        x = data.images[i: i + batch_size].to(device)
-        if size and size < x.shape[-1]:
-            o = (x.shape[-1] - size) // 2
-            x = x[..., o: o + size, o: o + size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
-            feats.append(backbone((x.float() / 255 - mean) / std).float())
-    backbone.train(was)
-    return torch.cat(feats), data.labels.to(device)
-
-
-@torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
-    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
-    -> (top1, top5) accuracy in percent."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    C, k = int(train_y.max()) + 1, min(k, len(train_f))
-    correct1 = correct5 = 0
-    for i in range(0, len(test_f), batch_size):
-        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(sim), C, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
-        pred = votes.topk(min(5, C), dim=1).indices
-        y = test_y[i: i + batch_size, None]
-        correct1 += (pred[:, :1] == y).sum().item()
-        correct5 += (pred == y).any(1).sum().item()
-    return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
-
-
-def knn_monitor(backbone, data, device):
-    """kNN top-1 (k=20) of data.val against the labelled images of data.memory (data: a Data of load_data)."""
-    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device, data.size)
-                                  for d in (data.memory, data.val))
-    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
-
-
-# ######################################################################################################################
-# PART II: what keeps runs safe
-# ######################################################################################################################
-# ==== The run: its folder and lock, resolved values, checkpoints, log, interrupts =====================================
-class Run:
-    """This process's training run, the one object that holds its state: the device, the run folder (locked while the
-    run lives), the resolved values every checkpoint saves (`config`), the last checkpoint written (`saved`), the log
-    records (`log`), the epochs finished (`done`) and a signal that arrived while writing (`signal`). SIGINT and
-    SIGTERM call its `interrupted`. train() makes one first:
-
-        run = Run(args)        join torchrun's process group, pick the device, claim the folder, catch signals, seed
-        run.resolve(data)      fix the resolved values into args, print them once, keep them for the checkpoints
-        run.resume(model, opt) a resumed run's weights, optimiser and log; -> the epoch to start from
-        run.save(record, ...)  each epoch: last.pt, then its log line
-        run.finish()           release the folder, say how to evaluate and how to train on"""
-
-    def __init__(self, args):
-        self.args = args
-        self.config = None  # the resolved values, fixed by resolve()
-        self.lock = None  # the open .lock file of the run folder, flock-ed
-        self.checkpoint = None  # a resumed run's checkpoint, until resume() has loaded it
-        self.saved = None  # (path, epoch) of the last checkpoint written or resumed from
-        self.log = []  # the log records, also kept in every checkpoint
-        self.done = 0  # epochs finished
-        self.writing = False  # a checkpoint and its log line are being written: a signal waits
-        self.signal = None  # the signal that arrived while writing
-        self.pid = os.getpid()  # DataLoader workers inherit the handler; only this process stops the run
-        previous = signal.getsignal(signal.SIGTERM)
-        if isinstance(getattr(previous, "__self__", None), Run):  # a run this process made before (tests train twice)
-            previous.__self__.release()
-        self.device = init_device(args)
-        self.rank = world_rank()[1]
-        if self.rank == 0:
-            with writing(f"the run folder {args.out_dir or 'runs/'}"):
-                args.out_dir = self._claim()
-                for tmp in glob.glob(os.path.join(args.out_dir, "*.tmp")):  # left by a run killed while saving
-                    os.remove(tmp)
-            print(f"run folder: {args.out_dir}", file=sys.stderr)
-        if dist.is_initialized():  # every rank uses rank 0's folder
-            box = [args.out_dir]
-            dist.broadcast_object_list(box)
-            args.out_dir = box[0]
-        if args.resume:
-            self.checkpoint = load_checkpoint(args.resume)
-            if self.checkpoint["epoch"] >= args.epochs:  # nothing to train; mend a log cut by a kill after last.pt
-                restore_log(self.checkpoint, os.path.join(args.out_dir, "log.jsonl"))
-                print(f"{args.resume} has trained {self.checkpoint['epoch']} of --epochs {args.epochs}: nothing to do "
-                      f"(give a larger --epochs to train on)", file=sys.stderr)
-                self.release()
-                raise SystemExit(0)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.interrupted)
-        torch.manual_seed(args.seed)  # every random draw of the scripts comes from torch generators
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def _claim(self):
-        """Rank 0: the run folder, locked (flock) while this process lives. A default folder that holds a run or is
-        locked is passed over for -2, -3, ...; an explicit or resumed folder that is locked or holds another run is an
-        error."""
-        args = self.args
-        default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-        folders = [args.out_dir] if args.out_dir else itertools.chain(
-            [default], (f"{default}-{k}" for k in itertools.count(2)))
-        for d in folders:
-            os.makedirs(d, exist_ok=True)
-            self.lock = open(os.path.join(d, ".lock"), "w")
-            with contextlib.suppress(BlockingIOError):  # locked: a live run
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                resumed_here = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(d)
-                if resumed_here or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
-                    return d
-            self.release()
-            if args.out_dir:
-                die(f"--out-dir {d} holds another run, or a running process uses it: continue it with --resume (once "
-                    f"it has stopped), or choose a new --out-dir")
-
-    def release(self):
-        """Unlock the run folder (a finished run, or a run this process made before)."""
-        if self.lock:
-            self.lock.close()
-            self.lock = None
-
-    def resolve(self, data):
-        """Fix what the run resolved into args: the decode size and pixel statistics of `data`, the learning rate
-        after scaling (base_lr = --lr x batch / lr_batch), beside what parse and the method file resolved before
-        (out dir, recipe, crops). Printed once as one block; `config`, what every checkpoint saves, is this."""
-        args = self.args
-        args.image_size = data.size
-        args.mean, args.std = data.stats[0].tolist(), data.stats[1].tolist()
-        args.base_lr = args.lr * args.batch_size / args.lr_batch
-        self.config, self.steps = dict(vars(args)), len(data.images) // args.batch_size
-        if self.rank == 0:
-            def show(v):
-                if isinstance(v, (list, tuple)):
-                    return ",".join(map(show, v))
-                return f"{v:.4g}" if isinstance(v, float) else str(v)
-            print(textwrap.fill(" ".join(f"{k}={show(v)}" for k, v in self.config.items()), 120,
-                                initial_indent="config: ", subsequent_indent="  "), file=sys.stderr)
-
-    def resume(self, model, opt):
-        """Load a resumed run's model and optimiser state and restore its log; -> the epoch to start from (0 for a new
-        run). A changed --epochs is said in one line: every schedule is recomputed over the new total."""
-        ck, args = self.checkpoint, self.args
-        if ck is None:
-            return 0
-        self.checkpoint = None  # loaded: not kept in memory for the run
-        getattr(model, "module", model).load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        self.done = ck["epoch"]
-        self.saved = (args.resume, self.done)
-        self.log = restore_log(ck, os.path.join(args.out_dir, "log.jsonl"))
-        if self.rank == 0:
-            print(f"resumed from {args.resume} at epoch {self.done}", file=sys.stderr)
-        planned = ck["args"].get("epochs", args.epochs)
-        if planned != args.epochs and self.rank == 0:  # the cosine of this run's own schedule, with its lr scaling
-            last = f"{self.log[-1]['lr']:.3g}" if self.log and "lr" in self.log[-1] else "?"
-            s = self.steps
-            now = cosine(self.done * s, args.epochs * s, args.base_lr, 0.0, args.warmup_epochs * s)
-            print(f"note: --epochs {args.epochs} for a run planned for {planned}: every schedule (learning rate, and "
-                  f"the method's own) is recomputed over {args.epochs} epochs, so the learning rate goes from {last} "
-                  f"to about {now:.3g} (a warm restart, not the rest of one decay)", file=sys.stderr)
-        return self.done
-
-    def monitor_due(self, epoch):
-        """Whether rank 0 runs the kNN monitor after `epoch` (0-based): every --eval-every epochs and at the end."""
-        done, every = epoch + 1, self.args.eval_every
-        return self.rank == 0 and bool(every) and (done % every == 0 or done == self.args.epochs)
-
-    def save(self, record, model, backbone, opt):
-        """Rank 0: write last.pt (and every --save-every epochs epochNNNN.pt) holding the log records, then append the
-        epoch's record to log.jsonl: the log never runs ahead of the checkpoint, and a signal that arrives meanwhile
-        waits for both. record: {"epoch": epochs done, ...}."""
-        self.done = record["epoch"]
-        if self.rank != 0:
-            return
-        args, done = self.args, record["epoch"]
-        log = os.path.join(args.out_dir, "log.jsonl")
-        last = os.path.join(args.out_dir, "last.pt")
-        state = {"args": self.config, "epoch": done, "backbone": backbone.state_dict(), "log": self.log + [record],
-                 "model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict()}
-        self.writing = True  # a signal now waits for the checkpoint and the log line
-        save_checkpoint(last, state)
-        self.saved = (last, done)
-        self.log = state["log"]
-        if args.save_every and done % args.save_every == 0:
-            save_checkpoint(os.path.join(args.out_dir, f"epoch{done:04d}.pt"), state)
-        with writing(log), open(log, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.writing = False
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if self.signal:
-            self._stop(self.signal, mid_epoch=False)
-
-    def finish(self):
-        """After the last epoch: release the folder (it holds a finished run, which no other run takes) and print the
-        commands that evaluate it and that train on."""
-        self.release()
-        if self.rank == 0:
-            script, ck = shlex.quote(sys.argv[0]), shlex.quote(os.path.join(self.args.out_dir, "last.pt"))
-            print(f"done: {self.args.out_dir}. Evaluate: python eval_linear.py --checkpoint {ck}  Train on: python "
-                  f"{script} --resume {ck} --epochs {2 * self.done} (a warm restart: the schedules start again over "
-                  f"the new total)", file=sys.stderr)
-
-    def interrupted(self, signum, frame=None):
-        """The SIGINT / SIGTERM handler. While a checkpoint and its log line are written the signal waits for them
-        (Run.save stops then); in a DataLoader worker it is left to the main process."""
-        self.signal = signum
-        if os.getpid() == self.pid and not self.writing:
-            self._stop(signum, mid_epoch=True)
-
-    def _stop(self, signum, mid_epoch):
-        """One line with the epoch reached, the last checkpoint and the command that continues it; exit 128 + signal."""
-        total, saved = self.args.epochs, self.saved  # saved: (path, epoch) or None
-        launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
-        if self.rank == 0:
-            where = f"in epoch {self.done + 1} of {total}" if mid_epoch else f"after epoch {self.done} of {total}"
-            print(f"\n{signal.Signals(signum).name}: stopped {where}; " + (
-                f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} "
-                f"{shlex.quote(sys.argv[0])} --resume {shlex.quote(saved[0])}" if saved else
-                "no epoch has finished: start it again"), file=sys.stderr)
-        raise SystemExit(128 + signum)
 
 
 # ==== Decoded caches: a cache file is whole or absent =================================================================
@@ -1354,14 +1331,68 @@ def _build_cache(src, path, key, source, skip_bad):
     return meta
 
 
-# ==== Checkpoint files, the log, the non-finite stop ==================================================================
-def check_finite(total, epoch, step=None, every=50):
-    """Stop with one line once the running loss sum is not finite: every `every` steps of an epoch (one host sync
-    each time; a NaN stays in the sum) and at its end (step None), before anything is written."""
-    if (step is None or (step + 1) % every == 0) and not math.isfinite(total):
-        where = f" (within steps {step + 2 - every}-{step + 1})" if step is not None else ""
-        die(f"the loss became {float(total)} in epoch {epoch + 1}{where}; stopping. Try a lower --lr, a longer "
-            f"--warmup-epochs, or --no-amp. The last good checkpoint is kept.")
+# ==== The run folder, checkpoints, the log, signals ===================================================================
+def claim_folder(args, rank):
+    """-> (the run folder, its open .lock file flock-ed while this process lives; None on ranks > 0, which take rank
+    0's folder). A default folder that holds a run or is locked is passed over for -2, -3, ...; an explicit or resumed
+    folder that is locked or holds another run is an error. Temporary files of a run killed while saving are removed."""
+    folder, lock = None, None
+    if rank == 0:
+        default = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+        folders = [args.out_dir] if args.out_dir else itertools.chain(
+            [default], (f"{default}-{k}" for k in itertools.count(2)))
+        with writing(f"the run folder {args.out_dir or 'runs/'}"):
+            for d in folders:
+                os.makedirs(d, exist_ok=True)
+                lock = open(os.path.join(d, ".lock"), "w")
+                with contextlib.suppress(BlockingIOError):  # locked: a live run
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    here = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(d)
+                    if here or not any(os.path.exists(os.path.join(d, f)) for f in ("last.pt", "log.jsonl")):
+                        folder = d
+                        break
+                lock.close()
+                if args.out_dir:
+                    die(f"--out-dir {d} holds another run, or a running process uses it: continue it with --resume "
+                        f"(once it has stopped), or choose a new --out-dir")
+            for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # left by a run killed while saving
+                os.remove(tmp)
+        print(f"run folder: {folder}", file=sys.stderr)
+    if dist.is_initialized():  # every rank uses rank 0's folder
+        box = [folder]
+        dist.broadcast_object_list(box)
+        folder = box[0]
+    return folder, lock
+
+
+def write_checkpoint(out_dir, state, save_every=0):
+    """OUT_DIR/last.pt (and every `save_every` epochs epochNNNN.pt), then the last record's line appended to
+    OUT_DIR/log.jsonl. -> (path, epoch) of the checkpoint."""
+    last, done = os.path.join(out_dir, "last.pt"), state["epoch"]
+    save_checkpoint(last, state)
+    if save_every and done % save_every == 0:
+        save_checkpoint(os.path.join(out_dir, f"epoch{done:04d}.pt"), state)
+    log = os.path.join(out_dir, "log.jsonl")
+    with writing(log), open(log, "a") as f:
+        f.write(json.dumps(state["log"][-1]) + "\n")
+    return last, done
+
+
+def restart_note(planned, epochs, log, lr):
+    """The line a resumed run with another --epochs prints: its schedules restart over the new total."""
+    last = f"{log[-1]['lr']:.3g}" if log and "lr" in log[-1] else "?"
+    return (f"note: --epochs {epochs} for a run planned for {planned}: every schedule (learning rate, and the method's "
+            f"own) is recomputed over {epochs} epochs, so the learning rate goes from {last} to about {lr:.3g} (a warm "
+            f"restart, not the rest of one decay)")
+
+
+def stop_message(signum, done, total, saved, mid_epoch):
+    """The line a stopped run prints: the epoch reached, the last checkpoint and the command that continues it."""
+    launch = f"torchrun --nproc_per_node={world_rank()[0]}" if dist.is_initialized() else "python"
+    where = f"in epoch {done + 1} of {total}" if mid_epoch else f"after epoch {done} of {total}"
+    return f"\n{signal.Signals(signum).name}: stopped {where}; " + (
+        f"the last checkpoint is {saved[0]} (epoch {saved[1]}); continue with: {launch} {shlex.quote(sys.argv[0])} "
+        f"--resume {shlex.quote(saved[0])}" if saved else "no epoch has finished: start it again")
 
 
 @contextlib.contextmanager

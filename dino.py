@@ -19,7 +19,7 @@ CIFAR-scale data (tens of thousands of images, 20-400 steps an epoch): lightly's
 with constant weight decay, a 2-layer head with BatchNorm, K = 2048, teacher temperature 0.02, no clipping, no
 frozen layer. Both: teacher momentum 0.99, constant (the paper's 0.996 -> 1 averages ~250 steps, several epochs of
 a small dataset), and local crops only from 64 px up. The tuning runs that chose the ResNet recipe and the results
-are in README.md.
+are in docs/results.md.
 """
 import argparse
 import copy
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import common
 
 
-# Every flag left unset takes its backbone's value. ResNet: CIFAR scale (README: how it was chosen); ViT: the paper's.
+# Every flag left unset takes its backbone's value. ResNet: CIFAR scale (docs/results.md: how it was
+# chosen); ViT: the paper's.
 RECIPES = {  # wd_end None: constant weight decay
     "resnet": dict(optimizer="sgd", lr=0.12, wd=5e-4, wd_end=None, bn_head=True, head_layers=2, out_dim=2048,
                    clip_grad=0.0, freeze_last_layer=0, warmup_teacher_temp=0.02, teacher_temp=0.02),
@@ -72,9 +73,8 @@ def get_args(argv=None):
     recipe = dict(RECIPES["vit" if args.arch.startswith("vit") else "resnet"])
     if args.optimizer is not None:  # an explicit optimiser brings its own lr and weight decay
         recipe.update({k: RECIPES["vit" if args.optimizer == "adamw" else "resnet"][k] for k in ("lr", "wd", "wd_end")})
-    for name, value in recipe.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    given = vars(args)  # the flags not given take the recipe's values
+    given.update({name: value for name, value in recipe.items() if given[name] is None})
     args.wd_end = args.wd if args.wd_end is None else args.wd_end
     if args.momentum_teacher_end is None:  # the paper's value given alone is a constant momentum
         args.momentum_teacher_end = args.momentum_teacher
@@ -86,12 +86,12 @@ def get_args(argv=None):
     return args
 
 
-def resolve_crops(args, image_size):
-    """Multi-crop only where a local crop (half the image side) still shows the object: from 64 px up."""
-    if args.local_crops is None:
-        args.local_crops = 6 if image_size >= 64 else 0
-    if args.global_scale is None:
-        args.global_scale = (0.4, 1.0) if args.local_crops else (0.08, 1.0)
+def crops(args, image_size):
+    """Multi-crop only where a local crop (half the image side) still shows the object: from 64 px up. -> the local
+    crop count and global scale, for Run.resolve."""
+    local = (6 if image_size >= 64 else 0) if args.local_crops is None else args.local_crops
+    scale = ((0.4, 1.0) if local else (0.08, 1.0)) if args.global_scale is None else args.global_scale
+    return dict(local_crops=local, global_scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,9 +245,8 @@ class DINO(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
-    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    resolve_crops(args, data.size)  # local crops from 64 px up
-    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    data = common.load_data(args, run.device)  # uint8 images where --data-on says, kNN splits, statistics
+    args = run.resolve(data, **crops(args, data.size))  # + the crops: printed once, kept in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, args.global_crops, args.local_crops, args.global_scale,
                            args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)

@@ -26,7 +26,7 @@ Against the official code (apple/ml-entropy-reconstruction, which ships the two 
   * optimiser: AdamW with a cosine schedule, where the paper's runs use LARS.
 
 Run:     python entrec.py --dataset cifar10 --variant byol      (offline: --dataset synthetic --width 16 --device cpu)
-Results: README.md.
+Results: docs/results.md.
 """
 import argparse
 import copy
@@ -69,12 +69,12 @@ def get_args(argv=None):
     p.set_defaults(method="entrec", optimizer="adamw", lr=1e-3, wd=1e-6, batch_size=256, epochs=200, global_crops=2,
                    global_scale=(0.08, 1.0))
     args = common.parse(p, argv)
+    given = vars(args)
     for name in set().union(*VARIANTS.values()) - set(VARIANTS[args.variant]):
-        if getattr(args, name) is not None:
+        if given[name] is not None:
             common.die(f"--{name.replace('_', '-')} does nothing for --variant {args.variant} (only for "
                        f"{', '.join(v for v in VARIANTS if name in VARIANTS[v])})")
-    for name, value in VARIANTS[args.variant].items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    given.update({name: value for name, value in VARIANTS[args.variant].items() if given[name] is None})
     if args.variant == "dino" and args.entropy_estimator == "average":
         common.die("--entropy-estimator average is not an entropy on the discrete support (the official -mean_k "
                    "log(pbar_k + eps) favours collapse: it is smallest at a uniform pbar); dino uses expectation")
@@ -263,8 +263,8 @@ def ema_update(target, online, momentum):
 # ----------------------------------------------------------------------------------------------
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
-    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    data = common.load_data(args, run.device)  # uint8 images where --data-on says, kNN splits, statistics
+    args = run.resolve(data)  # every value the run uses, resolved once: printed, kept in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, 2, args.local_crops or 0, args.global_scale, args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
     model = common.to_device(EntRec(backbone, feat_dim, args), run.device, args)

@@ -34,6 +34,7 @@ images and of the held-out split are extracted once (no augmentation, normalised
 The numbers are printed and written to <checkpoint>.eval.json beside the checkpoint.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -48,6 +49,7 @@ from tqdm import tqdm
 import common
 
 
+# ==== Flags ===========================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by one of the method scripts")
@@ -83,6 +85,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# ==== The linear probe ================================================================================================
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, wd=0.0, batch_size=256, seed=0):
     """Softmax regression on standardised frozen features; returns (top1, top5) in percent."""
     mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
@@ -107,6 +110,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, wd=0.0, b
     return top1, top5
 
 
+# ==== Geometry (HyDeS Table III), alignment and uniformity, class centroids (Fig. 5) ==================================
 def effective_rank(x):
     """exp(entropy of the normalised singular values) of the centred rows of x (Roy & Vetterli 2007):
     between 1 (all variation along one direction) and min(n - 1, d) (equal variance along every direction)."""
@@ -252,12 +256,12 @@ def wordnet_similarities(parents, offsets):
     wup, lch, path = (torch.zeros(C, C, dtype=torch.float64) for _ in range(3))
     for i in range(C):
         for j in range(C):
-            common = up[i].keys() & up[j].keys()
-            if not common:
+            shared = up[i].keys() & up[j].keys()
+            if not shared:
                 raise ValueError(f"synsets {offsets[i]} and {offsets[j]} have no common hypernym")
             path[i, j] = steps(up[i], up[j])
-            deepest = max(depth(c, shortest, min) for c in common)
-            lcs = [c for c in common if depth(c, shortest, min) == deepest]
+            deepest = max(depth(c, shortest, min) for c in shared)
+            lcs = [c for c in shared if depth(c, shortest, min) == deepest]
             lcs = offsets[i] if offsets[i] in lcs else min(lcs)
             if lcs not in up_of:
                 up_of[lcs] = hypernym_distances(parents, lcs)
@@ -348,7 +352,7 @@ def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
     return res
 
 
-# ==== Dense: hypercolumns, the segmentation probe (Table II), where the backbone looks (Figs. 2-4) ====================
+# ==== Dense: hypercolumns and the segmentation probe (HyDeS Table II) =================================================
 def feature_maps(backbone, x, blocks=4):
     """The per-layer feature maps of a hypercolumn, each (B, C_l, H_l, W_l): a ResNet's stem output and each stage's
     (5 maps, strides 1, 1, 2, 4, 8 on the CIFAR stem); a ViT's patch tokens after `blocks` evenly spaced blocks (the
@@ -504,6 +508,7 @@ def segmentation_data(source, name, kw, size):
     return (read_segmentation([p for i, p in enumerate(pairs) if (i in held) == v], size, source) for v in (0, 1))
 
 
+# ==== Where the backbone looks (HyDeS Figs. 2-4) ======================================================================
 def cls_attention(vit, x):
     """CLS-to-patch attention of every block and head of a ViT, (B, blocks, heads, S / p, S / p), each map summing to
     1 over the patches (the share the CLS token gives itself left out). torchvision's blocks do not return their
@@ -624,6 +629,7 @@ def pictures(backbone, split, stats, device, kind, path, show=6, measure=256):
     return out
 
 
+# ==== Class names, and the centroid picture ===========================================================================
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "diamond", "bar", "half disk", "two dots", "frame")
 
 
@@ -641,7 +647,7 @@ def class_wnids(name, data_dir, classes=None):
         common.die(f"--wordnet needs a dataset whose classes are WordNet ids (folder, tinyimagenet, imagenet), not "
                    f"{name}")
     names = torchvision.datasets.folder.find_classes(os.path.join(folder_root(name, data_dir), "train"))[0]
-    return common._keep_classes(names, range(len(names)), names, classes)[0] if classes else names
+    return common.keep_classes(names, range(len(names)), names, classes)[0] if classes else names
 
 
 def class_names(name, data_dir, count, classes=None):
@@ -702,16 +708,22 @@ def save_similarity_png(sim, path, names):
     return x0, y0, cell
 
 
-def main(args):
-    ck = common.load_checkpoint(args.checkpoint)
-    saved = ck["args"]
-    if args.export:  # the backbone is a torchvision model (CIFAR stem at <= 64 px) without its classifier
-        common.save_checkpoint(args.export, ck["backbone"])
-        return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
-    device = common.pick_device(args.device)
+# ==== The checkpoint, its data and its backbone =======================================================================
+Eval = collections.namedtuple("Eval", "name data_dir classes memory val seg size backbone stats device base kind")
+# what the evaluations share: the dataset (name, folder, --classes of the run), the labelled memory and held-out
+# Splits, the (train, val) Splits with masks of --dense or None, the model's input side, the backbone (eval mode, on
+# `device`), the pixel statistics, the output path without its extension and the kind of --pictures
+
+
+def prepare(args, ck):
+    """Check what each evaluation asked for needs before any of the minutes of features and probes (a WordNet folder,
+    wnid classes, masks, a ViT for attention), then load the splits and the backbone. -> Eval."""
+    saved, device = ck["args"], common.pick_device(args.device)
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
-    if args.wordnet:  # what --wordnet needs, checked before the minutes of features and probe
-        class_wnids(name, data_dir, saved.get("classes") if name == saved["dataset"] else None)
+    same = name == saved["dataset"] and data_dir == saved["data_dir"]  # the pretraining images: its classes and cache
+    classes = saved.get("classes") if same else None
+    if args.wordnet:
+        class_wnids(name, data_dir, classes)
         if not os.path.isfile(os.path.join(args.wordnet, "data.noun")):
             common.die(f"--wordnet {args.wordnet}: no data.noun there (WordNet 3.0 database files; Debian's "
                        f"wordnet-base installs them in /usr/share/wordnet)")
@@ -721,62 +733,87 @@ def main(args):
     if args.dense == "auto" and name != "synthetic":
         common.die(f"the {name} dataset has no segmentation masks: --dense voc (PASCAL VOC 2012), or --dense DIR "
                    f"with DIR/images and DIR/masks")
-    same = name == saved["dataset"] and data_dir == saved["data_dir"]  # the pretraining images: its classes and cache
     kw = dict(data_dir=data_dir, download=args.download, image_size=saved.get("image_size"), seed=saved["seed"],
-              skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False),
-              classes=saved.get("classes") if same else None,
+              skip_bad=args.skip_bad_images or saved.get("skip_bad_images", False), classes=classes,
               cache_dir=saved.get("cache_dir") if same and saved.get("data_on") == "disk" else None)
-    memory, val = common.get_dataset(name, split="memory", **kw), common.get_dataset(name, split="val", **kw)
+    memory, val = (common.get_dataset(name, split=s, **kw) for s in ("memory", "val"))
     labelled = (memory.labels >= 0).nonzero().flatten()  # STL-10's unlabelled images are -1
-    memory = common.subset(common.take(memory, labelled), args.limit)
-    val = common.subset(val, args.limit)
-    size = kw["image_size"] or 224 if name in ("imagenet", "food101") else memory.images.shape[-1]  # model's side
+    memory, val = common.subset(common.take(memory, labelled), args.limit), common.subset(val, args.limit)
+    size = common.model_side(name, kw["image_size"], memory.images.shape[-1])
     source = args.dense or ("synthetic" if name == "synthetic" and args.pictures else None)  # where masks come from
     seg = [common.subset(s, args.limit) for s in segmentation_data(source, name, kw, size)] if source else None
-    pool = args.pool or saved.get("pool", "cls")
-    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), pool,
-                                        saved.get("patch_size"))
+    backbone, _ = common.build_backbone(saved["arch"], size, saved.get("width", 64), args.pool or saved.get(
+        "pool", "cls"), saved.get("patch_size"))
     try:
         backbone.load_state_dict(ck["backbone"])
     except RuntimeError as e:
         common.die(f"the checkpoint's backbone does not fit {saved['arch']} at {size} px: {str(e).splitlines()[0]}")
-    backbone.to(device)
     if "mean" in saved:  # the per-channel statistics pretraining normalised with
         stats = (torch.tensor(saved["mean"]), torch.tensor(saved["std"]))
     else:  # a checkpoint without them (random init): the statistics of the labelled training images
         stats = common.pixel_stats(memory.images)
-    tr_f, tr_y = common.extract_features(backbone, memory, stats, device, size)
-    te_f, te_y = common.extract_features(backbone, val, stats, device, size)
-    res = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": name, "epoch": ck["epoch"],
-           "arch": saved["arch"], "feature_dim": tr_f.shape[1]}
+    return Eval(name, data_dir, classes, memory, val, seg, size, backbone.to(device).eval(), stats, device,
+                os.path.splitext(args.checkpoint)[0], kind)
+
+
+# ==== main: the evaluations in order ==================================================================================
+def knn_and_linear(ev, args):
+    """Weighted kNN (k 20, T 0.07 and k 200, T 0.1) and the linear probe on the frozen features of the memory and
+    held-out splits. -> (results, the held-out features and labels)."""
+    tr_f, tr_y = common.extract_features(ev.backbone, ev.memory, ev.stats, ev.device, ev.size)
+    te_f, te_y = common.extract_features(ev.backbone, ev.val, ev.stats, ev.device, ev.size)
+    res = {"feature_dim": tr_f.shape[1]}
     for k, T in ((20, 0.07), (200, 0.1)):
         res[f"knn{k}_top1"], res[f"knn{k}_top5"] = common.knn_classify(tr_f, tr_y, te_f, te_y, k, T)
     res["linear_top1"], res["linear_top5"] = linear_probe(tr_f, tr_y, te_f, te_y, args.probe_epochs, args.probe_lr,
                                                           args.probe_wd, seed=args.seed)
-    base = os.path.splitext(args.checkpoint)[0]
-    if args.geometry:  # on up to 2000 held-out images; positive pairs: two augmented crops of each
-        keep = common.subset(common.Split(torch.arange(len(val.images)), val.labels), 2000).images
-        g = torch.Generator(device=device).manual_seed(args.seed)
-        views = common.MultiCrop(size, stats, n_global=2)(val.images[keep].to(device), g)
-        backbone.eval()
-        with torch.no_grad():
-            pairs = [torch.cat([backbone(c).float() for c in v.split(500)]) for v in views]
-        res.update(geometry(te_f[keep.to(te_f.device)], pairs, te_y[keep.to(te_y.device)]))
-        sim, _ = centroid_similarities(te_f, te_y)
-        order = greedy_order(sim)
-        names = class_names(name, data_dir, len(sim), kw["classes"])
-        with common.writing(base + ".centroids.png"):
-            save_similarity_png(sim[order][:, order], base + ".centroids.png", [names[i] for i in order])
-        res["centroid_order"] = order
-    if args.wordnet:  # classes named by WordNet ids: centroid similarities against WordNet's (Table IV)
-        sim, present = centroid_similarities(te_f, te_y)
-        wnids = [w for w, p in zip(class_wnids(name, data_dir, kw["classes"]), present.tolist()) if p]
-        res.update(wordnet_alignment(sim, wnids, args.wordnet))
+    return res, te_f, te_y
+
+
+def geometry_of(ev, te_f, te_y, seed):
+    """--geometry on up to 2,000 held-out images (positive pairs: two augmented crops of each), and the picture of
+    the class-centroid similarities in a greedy nearest-centroid order (saved in the results)."""
+    keep = common.subset(common.Split(torch.arange(len(ev.val.images)), ev.val.labels), 2000).images
+    g = torch.Generator(device=ev.device).manual_seed(seed)
+    views = common.MultiCrop(ev.size, ev.stats, n_global=2)(ev.val.images[keep].to(ev.device), g)
+    with torch.no_grad():
+        pairs = [torch.cat([ev.backbone(c).float() for c in v.split(500)]) for v in views]
+    res = geometry(te_f[keep.to(te_f.device)], pairs, te_y[keep.to(te_y.device)])
+    sim, _ = centroid_similarities(te_f, te_y)
+    order = greedy_order(sim)
+    names = class_names(ev.name, ev.data_dir, len(sim), ev.classes)
+    with common.writing(ev.base + ".centroids.png"):
+        save_similarity_png(sim[order][:, order], ev.base + ".centroids.png", [names[i] for i in order])
+    return {**res, "centroid_order": order}
+
+
+def wordnet_of(ev, te_f, te_y, wordnet_dir):
+    """--wordnet: the class-centroid similarities against WordNet's (Table IV), for the classes present."""
+    sim, present = centroid_similarities(te_f, te_y)
+    wnids = [w for w, p in zip(class_wnids(ev.name, ev.data_dir, ev.classes), present.tolist()) if p]
+    return wordnet_alignment(sim, wnids, wordnet_dir)
+
+
+def main(args):
+    ck = common.load_checkpoint(args.checkpoint)
+    if args.export:  # the backbone is a torchvision model (CIFAR stem at <= 64 px) without its classifier
+        common.save_checkpoint(args.export, ck["backbone"])
+        return print(f"wrote {args.export}: load it with load_state_dict(..., strict=False) (README)")
+    ev = prepare(args, ck)
+    res = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": ev.name, "epoch": ck["epoch"],
+           "arch": ck["args"]["arch"]}
+    scores, te_f, te_y = knn_and_linear(ev, args)
+    res.update(scores)
+    if args.geometry:
+        res.update(geometry_of(ev, te_f, te_y, args.seed))
+    if args.wordnet:
+        res.update(wordnet_of(ev, te_f, te_y, args.wordnet))
     if args.dense:
-        res.update(dense_probe(backbone, *seg, stats, device, args.dense_epochs, seed=args.seed))
+        res.update(dense_probe(ev.backbone, *ev.seg, ev.stats, ev.device, args.dense_epochs, seed=args.seed))
     if args.pictures:
-        res.update(pictures(backbone, seg[1] if seg else val, stats, device, kind, base + ".pictures.png"))
-    out = base + ".eval.json"
+        res.update(pictures(ev.backbone, ev.seg[1] if ev.seg else ev.val, ev.stats, ev.device, ev.kind,
+                            ev.base + ".pictures.png"))
+    out = ev.base + ".eval.json"
     with common.writing(out), open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(" ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))

@@ -14,7 +14,7 @@ no stop-gradient. The loss is beta H_local - alpha H_global.
 Run:     python hydes.py --dataset cifar10 --kappa 1
 Offline: python hydes.py --dataset synthetic --width 16 --epochs 20 --device cpu
 Differs: nothing in the objective; log C_D(kappa) is exact (log-space series), so the reported entropies are true
-vMF-KDE entropies at any D and kappa. Results, with kappa 1, 10 and 20 side by side: README.md.
+vMF-KDE entropies at any D and kappa. Results, with kappa 1, 10 and 20 side by side: docs/results.md.
 """
 import argparse
 import math
@@ -31,8 +31,8 @@ def get_args(argv=None):
     a = p.add_argument_group("HyDeS").add_argument
     a("--kappa", type=common.number(float, 0, 1000, open_lo=True), default=1.0,
       help="vMF concentration (paper sweeps 0.1, ln 2, 1, 10, 20; 1 is its default). A larger kappa sharpens the "
-           "kernel: faster early in training, kappa 1 catching up over long runs (paper, Fig. 7); the README's "
-           "results compare 1, 10 and 20")
+           "kernel: faster early in training, kappa 1 catching up over long runs (paper, Fig. 7); docs/results.md "
+           "compares 1, 10 and 20")
     a("--alpha", type=common.NONNEG, default=1.0, help="weight of H_global, the uniformity term (paper: 1)")
     a("--beta", type=common.NONNEG, default=1.0, help="weight of H_local, the alignment term (paper: 1)")
     a("--proj-hidden", type=common.COUNT, default=2048, help="projector hidden width")
@@ -138,8 +138,8 @@ class HyDeS(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
-    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    data = common.load_data(args, run.device)  # uint8 images where --data-on says, kNN splits, statistics
+    args = run.resolve(data)  # every value the run uses, resolved once: printed, kept in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, args.global_crops, args.local_crops, args.global_scale,
                            args.local_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)

@@ -22,7 +22,7 @@ The ViT is torchvision's (its own initialisation, no qkv-bias difference), with 
 
 Run:     python mmae.py --dataset cifar10 --arch vit_tiny
 Offline: python mmae.py --dataset synthetic --arch vit_tiny --epochs 20 --device cpu
-Results: README.md.
+Results: docs/results.md.
 """
 import argparse
 import math
@@ -247,8 +247,8 @@ def save_recon(model, imgs, args, stats, path, n=8):
 # ----------------------------------------------------------------------------------------------
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
-    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    data = common.load_data(args, run.device)  # uint8 images where --data-on says, kNN splits, statistics
+    args = run.resolve(data)  # every value the run uses, resolved once: printed, kept in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, 1, 0, args.global_scale, color=False)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width, args.pool, args.patch_size)
     model = common.to_device(MAE(backbone, feat_dim, args), run.device, args)

@@ -11,7 +11,7 @@ Over the 2N views, with cosine similarities s_ik and positive p(i) = the other v
 Run:     python simclr.py --dataset cifar10 --arch resnet18
 Offline: python simclr.py --dataset synthetic --width 16 --epochs 20 --batch-size 128 --device cpu
 Differs: SGD with momentum (lr 0.3 x batch/256, wd 5e-4, cosine) instead of the paper's LARS, which it uses for
-batches of 1024 and more; the projector is SimCLR v2's 3-layer MLP. Results: README.md.
+batches of 1024 and more; the projector is SimCLR v2's 3-layer MLP. Results: docs/results.md.
 """
 import argparse
 import math
@@ -90,8 +90,8 @@ class SimCLR(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def train(args):
     run = common.Run(args)  # device, run folder and its lock, signal handlers, seed
-    data = common.load_data(args, run.device)  # uint8 images on the device, kNN splits, pixel statistics
-    run.resolve(data)  # decode size, statistics, lr x batch: printed once, saved in every checkpoint
+    data = common.load_data(args, run.device)  # uint8 images where --data-on says, kNN splits, statistics
+    args = run.resolve(data)  # every value the run uses, resolved once: printed, kept in every checkpoint
     aug = common.MultiCrop(args.image_size, data.stats, 2, 0, args.global_scale)
     backbone, feat_dim = common.build_backbone(args.arch, args.image_size, args.width)
     model = common.to_device(SimCLR(backbone, feat_dim, args), run.device, args)

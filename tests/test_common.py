@@ -111,6 +111,60 @@ def test_knn_vote_weighting():
     assert common.knn_classify(tr, y, q, qy, k=3, T=10.0)[1] == 100.0  # top-5 holds both classes
 
 
+def test_knn_votes_with_the_nearest_neighbours():
+    # Four unit vectors of classes 0..3 at 0, 90, 180 and 270 degrees; queries at 10 and 100 degrees. The nearest
+    # training point of the first is class 0 (cosine 0.985; the others 0.174, -0.985, -0.174), of the second class 1:
+    # with k = 1 both are right (100%), whereas the least similar neighbour (180 / 270 degrees) would get both wrong.
+    # k = 2 at T = 0.07 adds the second nearest (class 1 for the first query, class 0 for the second) with a weight
+    # exp((0.174 - 0.985) / 0.07) ~ 1e-5 of the first: still 100%, and top-5 of 4 classes holds every class.
+    deg = torch.tensor([0.0, 90.0, 180.0, 270.0]).deg2rad()
+    tr, y = torch.stack([deg.cos(), deg.sin()], 1), torch.tensor([0, 1, 2, 3])
+    qd = torch.tensor([10.0, 100.0]).deg2rad()
+    q, qy = torch.stack([qd.cos(), qd.sin()], 1), torch.tensor([0, 1])
+    assert common.knn_classify(tr, y, q, qy, k=1) == (100.0, 100.0)
+    assert common.knn_classify(tr, y, q, qy, k=2, T=0.07)[0] == 100.0
+    assert common.knn_classify(tr, y, q, torch.tensor([2, 3]), k=1)[0] == 0.0  # the far side is never voted for
+
+
+def test_a_checkpoint_write_that_fails_halfway_leaves_the_previous_one(tmp_path, monkeypatch):
+    # A torch.save that writes half of its bytes, then fails (a full disk, a kill): the write stops with one line and
+    # last.pt still holds the previous checkpoint, whole. A checkpoint written straight to last.pt would be torn.
+    path = str(tmp_path / "last.pt")
+    common.save_checkpoint(path, {"args": {}, "backbone": {"w": torch.ones(64)}, "epoch": 1})
+    real_save = torch.save
+
+    def half_then_fail(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as h:
+            h.truncate(os.path.getsize(f) // 2)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        common.save_checkpoint(path, {"args": {}, "backbone": {"w": torch.zeros(64)}, "epoch": 2})
+    monkeypatch.undo()
+    ck = common.load_checkpoint(path)
+    assert ck["epoch"] == 1 and torch.equal(ck["backbone"]["w"], torch.ones(64))
+    assert os.listdir(tmp_path) == ["last.pt"]  # and no temporary file left
+
+
+def test_columns_offset_counts_rows_along_the_gathered_dim(monkeypatch):
+    # HyDeS shards (V crops, n images, D) along dim 1: rank r's rows start at r * n in the gathered (V, W n, D), not at
+    # r * V. Rank 1 of 2 with V = 3 crops of n = 4 images: offset 4, and its rows' loss with rank 0's equals the
+    # whole batch's (each rank's loss is the mean over its own images; the images are split evenly).
+    import hydes
+    z = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = hydes.hydes_loss(z, 2.0)[0]
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(common, "world_rank", lambda: (2, rank))
+        monkeypatch.setattr(common, "gather", lambda x, dim=0: z)  # every rank's crops, as the all_gather gives them
+        own = z[:, 4 * rank: 4 * rank + 4]
+        z_all, offset = common.columns(own, dim=1)
+        assert offset == 4 * rank
+        per_rank.append(hydes.hydes_loss(own, 2.0, 1.0, 1.0, z_all, offset)[0])
+    assert abs((per_rank[0] + per_rank[1]) / 2 - whole) < 1e-12
+
+
 def test_cosine_schedule_values():
     # warm-up: base * step / warmup; then base -> final along half a cosine
     assert common.cosine(5, 110, 1.0, 0.0, 10) == pytest.approx(0.5)

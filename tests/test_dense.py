@@ -175,7 +175,7 @@ def test_dense_probe_learns_the_synthetic_masks():
     # the probe on a random-init ResNet-18's hypercolumns (width 8; 500 images, 3 epochs) against the all-background
     # prediction: background is ~81% of the pixels but one of 11 classes, so that baseline's mIoU is ~81 / 11 ~ 7%;
     # the stem's colour features alone find the shapes (measured when written: mIoU 13.1). That a trained backbone
-    # beats its random init is measured in the README (Dense evaluations): it takes minutes of CPU, not seconds.
+    # beats its random init is measured in docs/results.md (Dense evaluations): it takes minutes of CPU, not seconds.
     train = common.subset(common.get_dataset("synthetic", split="memory"), 500)
     val = common.subset(common.get_dataset("synthetic", split="val"), 200)
     torch.manual_seed(0)

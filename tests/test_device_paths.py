@@ -179,6 +179,21 @@ def test_one_pass_crops_follow_the_law_of_the_per_crop_path(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*again))
 
 
+def test_blur_and_solarisation_rates_per_crop(monkeypatch):
+    # 64 px data, 2 global + 2 local crops of 1,000 grey images (0.95): the blur is replaced by a marker (every pixel
+    # 0.46, which neither a jittered grey, >= 0.57, nor a solarised one, <= 0.43, can be), so each crop's rate of
+    # blurred and of solarised images is counted: blur 1.0 / 0.1 on the global crops and 0.5 on the local ones,
+    # solarisation 0.2 on the second global crop only (DINO's recipe). 1,000 draws: sd <= 0.016.
+    import common
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, g: torch.full_like(x, 0.46))
+    grey = torch.full((1000, 3, 64, 64), 242, dtype=torch.uint8)
+    views = crops(False, grey, monkeypatch, n_local=2)
+    blurred = torch.stack([((v - 0.46).abs() < 1e-4).all(3).all(2).all(1).float().mean() for v in views])
+    solarised = torch.stack([(v.mean((1, 2, 3)) < 0.44).float().mean() for v in views])
+    assert torch.allclose(blurred, torch.tensor([1.0, 0.1, 0.5, 0.5]), atol=0.05), blurred
+    assert torch.allclose(solarised, torch.tensor([0.0, 0.2 * 0.9, 0.0, 0.0]), atol=0.04), solarised
+
+
 def test_gaussian_blur_is_the_normalised_gaussian_of_its_drawn_sigma():
     # A centred unit impulse in a 64 px image, blurred: the kernel is 2 round(0.05 * 64) + 1 = 7 taps wide, sigma is
     # the first draw of the generator, U(0.1, 2), and the output is the outer product of the normalised 1-D Gaussian.

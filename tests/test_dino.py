@@ -113,14 +113,12 @@ def test_defaults_follow_the_backbone():
 
 def test_local_crops_follow_the_image_size():
     # 32 px: no local crops (16-px crops miss the object) and wide global crops; 64 px up: 2 + 6 with (0.4, 1)
-    from dino import resolve_crops
+    from dino import crops
     for size, expected in ((32, (0, (0.08, 1.0))), (64, (6, (0.4, 1.0))), (96, (6, (0.4, 1.0)))):
-        a = get_args(["--dataset", "synthetic", "--out-dir", "/tmp/unused"])
-        resolve_crops(a, size)
-        assert (a.local_crops, tuple(a.global_scale)) == expected
-    a = get_args(["--dataset", "synthetic", "--local-crops", "2", "--out-dir", "/tmp/unused"])
-    resolve_crops(a, 32)
-    assert (a.local_crops, tuple(a.global_scale)) == (2, (0.4, 1.0))
+        c = crops(get_args(["--dataset", "synthetic", "--out-dir", "/tmp/unused"]), size)
+        assert (c["local_crops"], tuple(c["global_scale"])) == expected
+    c = crops(get_args(["--dataset", "synthetic", "--local-crops", "2", "--out-dir", "/tmp/unused"]), 32)
+    assert (c["local_crops"], tuple(c["global_scale"])) == (2, (0.4, 1.0))
 
 
 DINO_TINY = TINY + ["--out-dim", "64", "--local-crops", "2", "--warmup-teacher-temp-epochs", "1"]
@@ -152,3 +150,14 @@ def test_teacher_entropy_of_one_hot_and_uniform_targets():
     for p, expected in ((torch.eye(k), (0, math.log(k), math.log(k))),
                         (torch.full((k, k), 1 / k), (math.log(k), 0, math.log(k)))):
         assert teacher_entropy(list(p.chunk(2))).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_clip_gradients_scales_only_the_gradients_above_the_clip():
+    # Per-parameter clipping at 1: a gradient of norm 0.5 stays as it is; one of norm 5 is scaled to norm 1 (x 1/5,
+    # within the 1e-6 in the denominator).
+    from dino import clip_gradients
+    net = torch.nn.ModuleDict({"a": torch.nn.Linear(1, 1, bias=False), "b": torch.nn.Linear(1, 1, bias=False)})
+    net.a.weight.grad, net.b.weight.grad = torch.tensor([[0.5]]), torch.tensor([[5.0]])
+    clip_gradients(net, 1.0)
+    assert net.a.weight.grad.item() == 0.5
+    assert net.b.weight.grad.item() == pytest.approx(1.0, rel=1e-5)

@@ -25,12 +25,12 @@ def lines(path):
 
 def test_a_second_run_never_writes_into_the_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default folder is runs/<method>-<dataset>-<arch> under the working directory
-    first = simclr.get_args(SIMCLR_TINY)
-    simclr.train(first)  # the folder is claimed when the run starts
-    assert first.out_dir == os.path.join("runs", "simclr-synthetic-resnet18")
-    second = simclr.get_args(SIMCLR_TINY + ["--temperature", "0.5"])
-    simclr.train(second)
-    assert second.out_dir == os.path.join("runs", "simclr-synthetic-resnet18-2")  # a fresh folder, not the first's
+    simclr.train(simclr.get_args(SIMCLR_TINY))  # the folder is claimed when the run starts
+    first = torch.load("runs/simclr-synthetic-resnet18/last.pt", weights_only=True)["args"]
+    assert first["out_dir"] == os.path.join("runs", "simclr-synthetic-resnet18")
+    simclr.train(simclr.get_args(SIMCLR_TINY + ["--temperature", "0.5"]))
+    second = torch.load("runs/simclr-synthetic-resnet18-2/last.pt", weights_only=True)["args"]
+    assert second["out_dir"] == os.path.join("runs", "simclr-synthetic-resnet18-2")  # a fresh folder, not the first's
     assert len(lines("runs/simclr-synthetic-resnet18/log.jsonl")) == 1
     assert torch.load("runs/simclr-synthetic-resnet18/last.pt", weights_only=True)["args"]["temperature"] == 0.2
     # an explicit --out-dir that holds a run: one line saying what to do
@@ -40,7 +40,7 @@ def test_a_second_run_never_writes_into_the_first(tmp_path, monkeypatch):
     resumed = simclr.get_args(["--resume", "--dataset", "synthetic", "--epochs", "2"])
     assert resumed.resume == os.path.join("runs", "simclr-synthetic-resnet18-2", "last.pt")
     assert (resumed.temperature, resumed.width, resumed.num_train, resumed.image_size) == (0.5, 8, 128, 32)
-    assert resumed.mean == first.mean and len(resumed.mean) == 3  # the normalisation stats come from the checkpoint
+    assert resumed.mean == first["mean"] and len(resumed.mean) == 3  # the normalisation stats come from the checkpoint
     simclr.train(resumed)
     assert [r["epoch"] for r in lines("runs/simclr-synthetic-resnet18-2/log.jsonl")] == [1, 2]
 

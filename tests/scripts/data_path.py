@@ -1,6 +1,6 @@
 """The data path measured (a script, not a test): images/s of each --data-on tier, against the per-sample PIL pipeline
 DINO and lightly load ImageNet with; the anonymous memory of a run as its dataset grows; whether the disk tier feeds
-ResNet-50 on a GPU. The README's numbers come from these commands:
+ResNet-50 on a GPU. The numbers of docs/scale.md come from these commands:
 
     python tests/scripts/data_path.py make --src data/tin10 --out runs/jpeg --count 4000        # ImageNet-like JPEGs
     python tests/scripts/data_path.py speed --data runs/jpeg/4000 --workers 2                    # images/s per tier

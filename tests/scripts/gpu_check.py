@@ -1,7 +1,7 @@
-"""The GPU check (a script, not a test): everything the README states about a CUDA GPU, measured in one run
+"""The GPU check (a script, not a test): everything the docs state about a CUDA GPU, measured in one run
 of about 9 minutes that stops cleanly at --time-limit, and writes what it measured to files under --out.
 
-    python tests/scripts/gpu_check.py --out results/                      # on a CUDA machine (README: the GPU check)
+    python tests/scripts/gpu_check.py --out results/                      # on a CUDA machine (docs/testing.md: the GPU check)
     python tests/scripts/gpu_check.py --out /tmp/gc --toy --device cpu    # dry run on the CPU, toy sizes, ~3 minutes
 
 Stages, most important first, so that a run stopped early still has the first ones (each with its share of the
@@ -15,7 +15,7 @@ time; what one leaves is carried to the next):
                     256), scored by eval_linear.py; resumable: the same command continues it on a warm machine;
   e. feed.txt       tests/scripts/data_path.py feed: a ResNet-50 SimCLR step at 224 px in bf16 with its batch already on
                     the GPU, then fed by the disk tier (a cache of 256 px squares, 4 and 8 DataLoader workers).
-summary.md gathers the README-ready lines; log.txt is everything the stages printed.
+summary.md gathers the lines for the docs; log.txt is everything the stages printed.
 
 Needs, besides the checkout: data/tin100-32.zip for stage d (a copy of ../shared/data/tin100-32.zip; data/ is
 git-ignored), and lightly for stage c, installed from wheels/ when pip cannot reach it (`pip download lightly
@@ -53,7 +53,7 @@ def get_args():
 
 class Stages:
     """Runs commands with a share of the remaining time each; everything they print goes to log.txt, a stage's own
-    lines to its file, the README-ready ones to summary.md."""
+    lines to its file, the lines for the docs to summary.md."""
 
     def __init__(self, args):
         self.args, self.end = args, time.time() + args.time_limit

@@ -30,7 +30,7 @@ import common  # noqa: E402
 
 METHODS = {"SimCLR": "simclr.py", "DINO": "dino.py", "HyDeS": "hydes.py", "EntRec (byol)": "entrec.py",
            "M-MAE": "mmae.py"}
-# The 30-epoch runs behind the README's curves and claims table (--set claims), most telling first: a partial set is
+# The 30-epoch runs behind the curves and claims table of docs/results.md (--set claims), most telling first: a partial set is
 # already a table.
 CLAIMS = [("SimCLR", "simclr.py"), ("HyDeS, kappa 1", "hydes.py --kappa 1"), ("HyDeS, kappa 10", "hydes.py --kappa 10"),
           ("HyDeS, kappa 20", "hydes.py --kappa 20"), ("DINO", "dino.py"), ("EntRec (byol)", "entrec.py"),
@@ -56,7 +56,7 @@ def get_args():
                         "(0: all); the val split is used whole up to N")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--set", choices=("methods", "claims"), default="methods", help="methods: each method's defaults "
-                   "(--methods); claims: the runs of the README's claims table (CLAIMS)")
+                   "(--methods); claims: the runs of the claims table in docs/results.md (CLAIMS)")
     p.add_argument("--eval-every", type=int, default=0, help="kNN monitor of the runs every K epochs (learning curves)")
     p.add_argument("--runs", nargs="*", default=[], help='extra rows, "NAME=script.py --flag value ..."')
     p.add_argument("--peer", choices=("lightly",), help="add SimCLR and DINO rows trained with lightly's CIFAR-10 "
@@ -112,9 +112,9 @@ def monitor_knn(ck, args):
     """kNN top-1 of a checkpoint's backbone as the training runs' monitor measures it (common.knn_monitor: memory =
     the training subset, the same normalisation): the point every learning curve of that backbone starts from."""
     saved = torch.load(ck, map_location="cpu", weights_only=True)
-    run = argparse.Namespace(**saved["args"], download=False, skip_bad_images=False, num_train=args.num_train or None,
-                             mean=None)
-    data = common.load_data(run, torch.device("cpu"))
+    flags = {"classes": None, "data_on": "device", "cache_dir": None, "workers": 0, **saved["args"], "download": False,
+             "skip_bad_images": False, "num_train": args.num_train or None, "mean": None}
+    data = common.load_data(argparse.Namespace(**flags), torch.device("cpu"))
     backbone, _ = common.build_backbone(saved["args"]["arch"], args.image_size, args.width)
     backbone.load_state_dict(saved["backbone"])
     return common.knn_monitor(backbone, data, torch.device("cpu"))
