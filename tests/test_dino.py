@@ -39,6 +39,11 @@ def test_center_update():
     t = [torch.tensor([[0.0, 0.0, 6.0], [2.0, 0.0, 0.0]]), torch.tensor([[2.0, 4.0, 0.0], [0.0, 4.0, 2.0]])]
     loss_fn([torch.zeros(2, 3)] * 3, t, 0)  # m = [1, 2, 2]
     assert torch.allclose(loss_fn.center, torch.tensor([[0.9 + 0.1, 1.8 + 0.2, 2.7 + 0.2]]))
+    # The teacher's target is softmax((t - c) / tau_t): a teacher output equal to the centre gives the uniform 1/3
+    # (t + c would give softmax(2 c / 0.04), one-hot on the last prototype).
+    c = loss_fn.center.clone()
+    p_t = loss_fn([torch.zeros(1, 3)] * 3, [c, c], 0)[1]
+    assert torch.allclose(p_t[0], torch.full((1, 3), 1 / 3)) and torch.allclose(p_t[1], torch.full((1, 3), 1 / 3))
 
 
 def test_sinkhorn_balances_prototypes():
