@@ -16,6 +16,7 @@ method needs none of it. Calls go from Part I down into Part II, never back up.
 import argparse
 import collections
 import contextlib
+import datetime
 import fcntl
 import functools
 import glob
@@ -124,6 +125,8 @@ def add_common_args(p, lr_batch=256, recipe=None, crops=False):
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only; CPU stays fp32)")
     a("--compile", action="store_true", help="torch.compile the model in place (slower start, faster steps; on the "
       "CPU it needs a C++ compiler)")
+    a("--dist-timeout", type=POSITIVE, default=3600, help="torchrun: seconds a rank waits for the others in a "
+      "collective before the run stops; longer than another node takes to build its decoded cache (docs/scale.md)")
     p.set_defaults(lr_batch=lr_batch, mean=None, std=None)  # mean, std: the pixel statistics (Run.resolve)
 
 
@@ -205,9 +208,10 @@ class Run:
         return self.done
 
     def monitor_due(self, epoch):
-        """Whether rank 0 runs the kNN monitor after `epoch` (0-based): every --eval-every epochs and at the end."""
+        """Whether the kNN monitor runs after `epoch` (0-based), on every rank: every --eval-every epochs and at the
+        end."""
         done, every = epoch + 1, self.args.eval_every
-        return self.rank == 0 and bool(every) and (done % every == 0 or done == self.args.epochs)
+        return bool(every) and (done % every == 0 or done == self.args.epochs)
 
     def save(self, record, model, backbone, opt):
         """Rank 0: write last.pt (and every --save-every epochs epochNNNN.pt) holding the log records, then append the
@@ -271,15 +275,17 @@ def load_data(args, device):
     args: Run.resolve takes the tier, the sizes and the statistics from the Data."""
     kw = dict(data_dir=args.data_dir, download=args.download, image_size=args.image_size, seed=args.seed,
               classes=args.classes)
-    src = dataset_source(args.dataset, split="train", **kw)  # the image files or arrays, before decoding
-    tier = choose_tier(src, device) if args.data_on == "auto" else args.data_on
+    src = subset(dataset_source(args.dataset, split="train", **kw), args.num_train)  # files or arrays, not decoded
+    tier = choose_tier(src, device) if args.data_on == "auto" else args.data_on  # rank 0's choice on every rank
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "decoded") if tier == "disk" else args.cache_dir
     kw.update(image_size=model_side(args.dataset, args.image_size, source_side(src)), skip_bad=args.skip_bad_images,
               cache_dir=cache_dir if tier == "disk" else None)
-    train = subset(get_dataset(args.dataset, split="train", src=src, **kw), args.num_train)
-    memory = train if args.dataset in OWN_LABELS else get_dataset(args.dataset, split="memory", **kw)
+    train = get_dataset(args.dataset, split="train", src=src, **kw)
     stats = normalisation(args, train.images)
-    images = train.images.to(device) if tier == "device" else (
+    if tier == "device":  # one copy of the images: the kNN memory reads the training tensor on the device
+        train = train._replace(images=train.images.to(device))
+    memory = train if args.dataset in OWN_LABELS else get_dataset(args.dataset, split="memory", **kw)
+    images = train.images if tier == "device" else (
         train.images if tier == "disk" else Images(train.images)).to(device, workers=loader_workers(args.workers))
     return Data(images, memory, get_dataset(args.dataset, split="val", **kw), stats, kw["image_size"], tier, cache_dir)
 
@@ -503,7 +509,8 @@ def autocast(args, device):
 def to_device(model, device, args):
     """Move to `device` (channels-last where `channels_last` says; the first convolution then takes its input to that
     layout), compile in place with --compile (state_dict keys unchanged), and under torchrun wrap in
-    DistributedDataParallel."""
+    DistributedDataParallel: compiled first, then wrapped, the order torch's "Where to apply torch.compile?" gives for
+    DDP (Dynamo does not trace the wrapper well)."""
     layout = torch.channels_last if channels_last(device, args) else torch.preserve_format
     model = model.to(device, memory_format=layout)
     if args.compile:
@@ -550,8 +557,11 @@ def aug_generator(args, device, epoch):
 # ==== Distributed: the whole batch in a loss, with its gradient =======================================================
 def gather(x, dim=0):
     """x of every rank, concatenated along `dim` in rank order, with a gradient (each slice gets the sum over ranks):
-    a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one."""
-    return torch.cat(_AllGather.apply(x), dim) if dist.is_initialized() else x
+    a whole-batch loss, computed alike on every rank, then gives after DDP's gradient mean the single-process one.
+    Half-precision x (autocast) is gathered in fp32, so that its gradients are summed over the ranks in fp32."""
+    if not dist.is_initialized():
+        return x
+    return torch.cat(_AllGather.apply(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x), dim)
 
 
 def columns(*xs, dim=0):
@@ -602,47 +612,73 @@ def check_finite(total, epoch, step=None, every=50):
 
 
 # ==== Evaluation: frozen features and weighted kNN (DINO protocol) ====================================================
-def knn_monitor(backbone, data, device):
-    """kNN top-1 (k=20) of data.val against the labelled images of data.memory (data: a Data of load_data)."""
-    (tr_f, tr_y), (te_f, te_y) = (extract_features(backbone, d, data.stats, device, data.size)
-                                  for d in (data.memory, data.val))
-    return knn_classify(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, te_y)[0]
+def knn_monitor(backbone, data, device, k=20, T=0.07):
+    """kNN top-1 (k=20, T=0.07) of data.val against the labelled images of data.memory, called on every rank: each
+    embeds its 1/W of both splits, finds for every query (gathered from all ranks) the k nearest of its own memory
+    rows, and each query's W x k candidates are merged into its k nearest, those one process holding every feature
+    finds. No rank waits alone on work that grows with the data, and none holds the whole memory's features."""
+    world, rank = world_rank()
+    share = lambda d: range(len(d.labels) * rank // world, len(d.labels) * (rank + 1) // world)  # noqa: E731
+    tr_f, tr_y = extract_features(backbone, data.memory, data.stats, device, data.size, share(data.memory))
+    te_f, te_y = extract_features(backbone, data.val, data.stats, device, data.size, share(data.val))
+    te_f, te_y = gather_rows(te_f), gather_rows(te_y)  # every query, on every rank
+    sim, near = nearest(tr_f[tr_y >= 0], tr_y[tr_y >= 0], te_f, k)  # (Q, k): among this rank's memory rows
+    if world > 1:  # the k nearest of the W k candidates
+        sim, pick = gather(sim, dim=1).topk(k, dim=1)
+        near = gather(near, dim=1).gather(1, pick)
+    return vote(sim, near, te_y, T, int(near.max()) + 1)[0]
 
 
 @torch.no_grad()
-def extract_features(backbone, data, stats, device, size=None, batch_size=512):
-    """Backbone features (eval mode) of every image of `data`: uint8, no augmentation, normalised with `stats`; the
-    centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre crop 224)."""
+def extract_features(backbone, data, stats, device, size=None, rows=None, batch_size=512):
+    """Backbone features (eval mode) of the images `rows` (a range; default all) of `data`: uint8, no augmentation,
+    normalised with `stats`; the centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre
+    crop 224). -> (features, labels) of those rows."""
     mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
-    was, feats = backbone.training, []
+    rows, was, feats = range(len(data.labels)) if rows is None else rows, backbone.training, []
     backbone.eval()
-    for i in range(0, len(data.images), batch_size):
-        x = data.images[i: i + batch_size].to(device)
+    for i in range(rows.start, rows.stop, batch_size) or [rows.start]:  # no rows: one empty batch, (0, D) features
+        x = data.images[i: min(i + batch_size, rows.stop)].to(device)
         if size and size < x.shape[-1]:
             o = (x.shape[-1] - size) // 2
             x = x[..., o: o + size, o: o + size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
             feats.append(backbone((x.float() / 255 - mean) / std).float())
     backbone.train(was)
-    return torch.cat(feats), data.labels.to(device)
+    return torch.cat(feats), data.labels[rows.start: rows.stop].to(device)
 
 
 @torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, batch_size=1024):
-    """Weighted kNN: cosine similarities s to the k nearest train features vote exp(s / T) for their class.
-    -> (top1, top5) accuracy in percent."""
+def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07):
+    """Weighted kNN (DINO's protocol): the k train features of largest cosine similarity s to a test feature vote
+    exp(s / T) for their class. -> (top1, top5) accuracy in percent."""
+    return vote(*nearest(train_f, train_y, test_f, k), test_y, T, int(train_y.max()) + 1)
+
+
+@torch.no_grad()
+def nearest(train_f, train_y, test_f, k, batch_size=1024):
+    """The k largest cosine similarities of each test feature to the train features, and those rows' labels, (Q, k)
+    each; with fewer than k train rows the rest is padded with similarity -inf (a vote of 0)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    C, k = int(train_y.max()) + 1, min(k, len(train_f))
-    correct1 = correct5 = 0
+    sims, labels = [], []
     for i in range(0, len(test_f), batch_size):
-        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(sim), C, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
-        pred = votes.topk(min(5, C), dim=1).indices
-        y = test_y[i: i + batch_size, None]
+        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
+        sims, labels = sims + [sim], labels + [train_y[idx]]
+    pad = k - min(k, len(train_f))
+    return F.pad(torch.cat(sims), (0, pad), value=-math.inf), F.pad(torch.cat(labels), (0, pad))
+
+
+@torch.no_grad()
+def vote(sim, labels, test_y, T, classes, batch_size=1024):
+    """Each neighbour (cosine similarity s, label) votes exp(s / T) for its class. -> (top1, top5) in percent."""
+    correct1 = correct5 = 0
+    for i in range(0, len(sim), batch_size):
+        s, y = sim[i: i + batch_size], test_y[i: i + batch_size, None]
+        votes = torch.zeros(len(s), classes, device=s.device).scatter_add_(1, labels[i: i + batch_size], (s / T).exp())
+        pred = votes.topk(min(5, classes), dim=1).indices
         correct1 += (pred[:, :1] == y).sum().item()
         correct5 += (pred == y).any(1).sum().item()
-    return 100 * correct1 / len(test_f), 100 * correct5 / len(test_f)
+    return 100 * correct1 / len(test_y), 100 * correct5 / len(test_y)
 
 
 # ######################################################################################################################
@@ -661,7 +697,7 @@ def resume_args(p, argv, args):
     if saved.get("method") != args.method:
         die(f"{resume} is a {saved.get('method')} checkpoint, not {args.method}")
     free = {"resume", "out_dir", "device", "amp", "compile", "data_dir", "download", "skip_bad_images", "eval_every",
-            "save_every", "epochs", "data_on", "cache_dir", "workers"}  # what a resumed run may change
+            "save_every", "epochs", "data_on", "cache_dir", "workers", "dist_timeout"}  # what a resumed run may change
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "out_dir", "device")})  # flags not given
     args = argparse.Namespace(**{**vars(p.parse_args(argv)), "resume": resume, "out_dir": out_dir})
     given = vars(args)
@@ -724,7 +760,8 @@ def init_device(args):
     or under torchrun this rank's GPU (LOCAL_RANK)."""
     if "RANK" in os.environ and not dist.is_initialized():
         cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL: CUDA alone, never run by the CPU suite
+        dist.init_process_group("nccl" if cuda else "gloo",  # NCCL: CUDA alone, never run by the CPU suite
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
     if args.batch_size % world_rank()[0]:
         die(f"--batch-size {args.batch_size} must be divisible by the number of processes {world_rank()[0]}")
     device = pick_device(args.device)
@@ -736,6 +773,29 @@ def init_device(args):
 
 def world_rank():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def broadcast(value):
+    """Rank 0's value (any picklable object) on every rank; the value itself in one process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box)
+    return box[0]
+
+
+def gather_rows(x):
+    """x (n_r, ...) of every rank concatenated in rank order, where n_r may differ by rank (no gradient): each rank's
+    rows padded to the largest n_r for the all_gather, the padding dropped after."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    most = int(max(counts))
+    parts = [x.new_empty((most, *x.shape[1:])) for _ in counts]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))]))
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)])
 
 
 class _AllGather(torch.autograd.Function):
@@ -896,9 +956,11 @@ def _folder_files(root, split, tiny=False):
     matched to them by name (val may hold fewer). tiny: Tiny-ImageNet's val/images/*, labelled by
     val/val_annotations.txt."""
     train, path = os.path.join(root, "train"), os.path.join(root, "val" if split == "val" else "train")
+    if os.path.isfile(root):
+        die(f"--data-dir {root} is a file, not a folder holding train/<class>/ and val/<class>/")
     try:
         classes = torchvision.datasets.folder.find_classes(train)[0]  # the sorted sub-folders
-    except FileNotFoundError:  # no train/, or no class folder in it
+    except (FileNotFoundError, NotADirectoryError):  # no train/ (or a file of that name), or no class folder in it
         classes = []
     if not classes or not os.path.isdir(path):
         die(f"no class folders under {path}: expected images in {train}/<class>/ and "
@@ -1052,7 +1114,7 @@ def _read(files, size):
 def _decoded_batches(files, size, where):
     """Image files -> batches of (uint8 (B, 3, size, size), status (B,), shorter sides (B,)), decoded in parallel by
     DataLoader workers, behind a progress bar."""
-    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(32, os.cpu_count() or 1),
+    loader = torch.utils.data.DataLoader(files, 256, num_workers=min(32, cpus()),
                                          collate_fn=functools.partial(_read, size=size))
     return tqdm(loader, desc=f"decoding {where}", leave=False, dynamic_ncols=True)
 
@@ -1122,7 +1184,8 @@ class Images:
         if out is None:  # in a DataLoader worker: straight into shared memory, which the batch is sent through
             out = torch.empty((len(index), 3, self.size, self.size), dtype=torch.uint8)
             out = out.share_memory_() if torch.utils.data.get_worker_info() else out
-        numpy.take(self.map, index.numpy(), axis=0, out=out.numpy())  # no copy in between
+        # mode "clip" (the indices are in range): with "raise", numpy fills `out` through a buffer of the batch's size
+        numpy.take(self.map, index.numpy(), axis=0, out=out.numpy(), mode="clip")
         return out
 
     def batches(self, index):
@@ -1149,10 +1212,15 @@ def take(data, index):
 
 def subset(data, n, seed=0):
     """A fixed random subset of n items in their original order (a prefix of a class-sorted folder would hold only
-    the first classes); the same for every method and --seed."""
-    if not n or n >= len(data.images):
+    the first classes); the same for every method and --seed. data: a Split, or a Source, whose files are then
+    chosen before anything is decoded."""
+    count = len(data.files) if isinstance(data, Source) else len(data.images)
+    if not n or n >= count:
         return data
-    return take(data, torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
+    keep = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if isinstance(data, Source):
+        return data._replace(files=[data.files[i] for i in keep], labels=[data.labels[i] for i in keep])
+    return take(data, keep)
 
 
 def pixel_stats(images, most=10000, chunk=None):
@@ -1171,28 +1239,57 @@ def pixel_stats(images, most=10000, chunk=None):
 
 def normalisation(args, images):
     """Per-channel pixel (mean, std): a resumed run's from its checkpoint, else pixel_stats of the training images,
-    where a channel of one colour (std 0: every normalised pixel would be nan) is a one-line error."""
+    where a channel of one colour (std below half a grey level: normalised, every pixel would be nan, or rounding
+    noise blown up 1e15-fold) is a one-line error."""
     if args.mean is not None:
         return torch.tensor(args.mean), torch.tensor(args.std)
     stats = pixel_stats(images)
-    if flat := (stats[1] == 0).nonzero().flatten().tolist():
+    if flat := (stats[1] < 0.5 / 255).nonzero().flatten().tolist():
         where = args.data_dir if args.dataset in FOLDERS else args.dataset
-        die(f"the {len(images)} pretraining images of {where} have a pixel standard deviation of 0 in channel "
-            f"{'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be normalised: check "
-            f"the images")
+        die(f"the {len(images)} pretraining images of {where} have a pixel standard deviation below half a grey level "
+            f"in channel {'/'.join('RGB'[c] for c in flat)} (every pixel one colour there), so they cannot be "
+            f"normalised: check the images")
     return stats
 
 
-def host_memory():
-    """Bytes of host memory to be had without swapping (Linux: MemAvailable; else the free pages)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        return 1024 * int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def host_memory(cgroups="/sys/fs/cgroup", own="/proc/self/cgroup"):
+    """Bytes of host memory this process can have without swapping or being killed: MemAvailable (Linux; else the
+    free pages), and no more than the tightest memory limit of its cgroup and their parents leaves (a SLURM job's or a
+    container's: cgroup v2 memory.max - memory.current, v1 memory.limit_in_bytes - memory.usage_in_bytes)."""
+    try:
+        free = 1024 * int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
+    except (OSError, ValueError, StopIteration):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        for line in open(own):  # "0::/path" (v2) or "N:memory,...:/path" (v1)
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers and "memory" not in controllers.split(","):
+                continue
+            top = cgroups if not controllers else os.path.join(cgroups, "memory")
+            limit, usage = ("memory.max", "memory.current") if not controllers else (
+                "memory.limit_in_bytes", "memory.usage_in_bytes")
+            d = os.path.join(top, path.strip("/"))
+            while True:
+                with contextlib.suppress(OSError, ValueError):  # no such file here, or "max": no limit at this level
+                    read = lambda name: int(open(os.path.join(d, name)).read())  # noqa: E731
+                    free = min(free, read(limit) - read(usage))
+                if os.path.normpath(d) == os.path.normpath(top):
+                    break
+                d = os.path.dirname(d)
+    return free
+
+
+def cpus():
+    """The CPUs this process may run on (a scheduler's allocation: sched_getaffinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_tier(src, device):
     """--data-on auto: the first tier whose memory holds the decoded training images 4x over (GPU) or 2x over (host
-    memory, of which each local rank holds a copy); said in one line. -> 'device', 'cpu' or 'disk'."""
+    memory, of which each local rank holds a copy); decided by rank 0 for every rank, said in one line. -> 'device',
+    'cpu' or 'disk'."""
+    if world_rank()[1] != 0:
+        return broadcast(None)
     n, side = (len(src.files), src.size) if isinstance(src, Source) else (len(src.images), src.images.shape[-1])
     need, local = n * 3 * side * side, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     host = host_memory()
@@ -1202,14 +1299,14 @@ def choose_tier(src, device):
     gb = lambda b: f"{b / 1e9:,.3g} GB" if b < 1e11 else f"{b / 1e9:,.0f} GB"  # noqa: E731
     print(f"decoded: {n:,} images x 3 x {side} x {side} = {gb(need)} -> {tier} (" + (f"GPU {gb(gpu)} free, " if cuda
           else "") + f"host {gb(host)} available{f' for {local} ranks' if local > 1 else ''})", file=sys.stderr)
-    return tier
+    return broadcast(tier)
 
 
 def loader_workers(workers):
     """--workers, else per rank min(8, its share of the CPUs - 1), at least 1."""
     if workers is not None:
         return workers
-    return max(1, min(8, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    return max(1, min(8, cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 # ==== Decoded caches: a cache file is whole or absent =================================================================
@@ -1218,25 +1315,27 @@ CACHE_MAGIC = b"SSLDEC01"  # the last 8 bytes of a whole cache file
 
 def cache_file(cache_dir, src, key, classes, source):
     """Where the cache of `key` (dataset, split, side) lives: named by them and by a digest of the folder the files
-    come from and --classes (of arrays: of their bytes, `source`), so that caches of other sizes, subsets, folders
-    and seeds sit side by side."""
-    where = os.path.realpath(src.where) if isinstance(src, Source) else source
+    come from, their count (--num-train) and --classes (of arrays: of their bytes, `source`), so that caches of other
+    sizes, subsets, folders and seeds sit side by side."""
+    where = f"{os.path.realpath(src.where)}\n{len(src.files)}" if isinstance(src, Source) else source
     ident = hashlib.sha1(f"{where}\n{classes}".encode()).hexdigest()[:8]
     return os.path.join(cache_dir, f"{key[0]}-{key[1]}-{key[2]}px-{ident}.u8")
 
 
 def fingerprint(src):
-    """A digest of what the cache is decoded from: every file's name, label, size and mtime and the decode size (a
-    stat per file, no reading), or the bytes of images held as arrays."""
+    """A digest of what the cache is decoded from: every file's path relative to the dataset's folder (so that
+    `./data`, `data` and a link to it are one source), label, size and mtime, and the decode size (a stat per file, no
+    reading); or the bytes of images held as arrays."""
     h = hashlib.sha1()
     if isinstance(src, Source):
         h.update(f"{len(src.files)} files at {src.size} px\n".encode())
+        root = src.where if os.path.isdir(src.where) else os.path.dirname(src.where)  # Tiny-ImageNet val: its labels
         for f, y in zip(src.files, src.labels):
             try:
                 st = os.stat(f)
             except OSError as e:
                 die(f"cannot read {f}: {e.strerror}")
-            h.update(f"{f}\t{y}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(f"{os.path.relpath(f, root)}\t{y}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     else:
         h.update(memoryview(src.images.contiguous().numpy()).cast("B"))
         h.update(memoryview(src.labels.to(torch.int64).numpy()).cast("B"))
@@ -1293,14 +1392,16 @@ def cached(src, key, cache_dir, skip_bad, classes=None):
 
 def _build_cache(src, path, key, source, skip_bad):
     """Decode `src` into PATH.tmp<pid> batch by batch (host memory holds one batch), then rename it to PATH. The
-    caller holds the lock. -> its metadata."""
+    caller holds the lock. What no lock holder is writing goes first: the temporary file of a build that was killed,
+    and a stale cache of PATH (its source changed; a process still reading it keeps its copy until it closes it), so
+    that the free space counted is the space the build can have. -> its metadata."""
+    for old in glob.glob(glob.escape(path) + ".tmp*") + [path] * os.path.exists(path):
+        os.remove(old)
     n = len(src.files) if isinstance(src, Source) else len(src.images)
     need, free = n * (3 * key[2] ** 2 + 8), shutil.disk_usage(os.path.dirname(path)).free
     if need > free:
         die(f"cannot write {path}: {n:,} decoded images need {need / 1e9:.3g} GB and {os.path.dirname(path)} has "
             f"{free / 1e9:.3g} GB free: choose another --cache-dir, or --data-on device / cpu")
-    for old in glob.glob(glob.escape(path) + ".tmp*"):  # left by a build that was killed
-        os.remove(old)
     tmp = f"{path}.tmp{os.getpid()}"
     with writing(path, tmp):
         with open(tmp, "wb") as f:
@@ -1358,11 +1459,7 @@ def claim_folder(args, rank):
             for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # left by a run killed while saving
                 os.remove(tmp)
         print(f"run folder: {folder}", file=sys.stderr)
-    if dist.is_initialized():  # every rank uses rank 0's folder
-        box = [folder]
-        dist.broadcast_object_list(box)
-        folder = box[0]
-    return folder, lock
+    return broadcast(folder), lock  # every rank uses rank 0's folder
 
 
 def write_checkpoint(out_dir, state, save_every=0):

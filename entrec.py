@@ -170,7 +170,7 @@ def entrec_loss(z, t, pred=None, variant="byol", kappa=10.0, estimator="average"
     simclr/byol: z, t, pred (2, N, D) online projections, target projections, predictions of the online net.
     dino: z (V, N, K) student logits of every crop, the 2 global crops first; t (2, N, K) the teacher's; pred None.
     Reconstruction pairs every teacher crop with every other student crop. Sharded: z, t, pred hold this rank's
-    images and z_all (V, N, .) the whole batch's z, the entropy's points."""
+    images and z_all (2 or V, N, .) the whole batch's z (its 2 global crops suffice), the entropy's points."""
     z_all = z if z_all is None else z_all
     if variant == "simclr":  # both branches online; mu(z1) = z1
         rec = sphere_reconstruction(z[0], z[1], kappa)  # kappa z1.z2 is symmetric: one direction suffices
@@ -284,7 +284,7 @@ def train(args):
             with common.autocast(args, run.device):
                 z, t, pred = model(views)
             loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
-                                         args.student_temp, tau_t, common.gather(z, dim=1))  # entropy: every rank's
+                                         args.student_temp, tau_t, common.gather(z[:2], dim=1))  # all global crops
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

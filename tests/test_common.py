@@ -165,6 +165,26 @@ def test_columns_offset_counts_rows_along_the_gathered_dim(monkeypatch):
     assert abs((per_rank[0] + per_rank[1]) / 2 - whole) < 1e-12
 
 
+def test_each_epoch_draws_its_own_order_of_the_images():
+    # 16 images numbered by their pixel value, batches of 4: every epoch is a permutation of the 16 (4 batches, no
+    # image twice), the same for the same (seed, epoch) (resume is exact), and another for the next epoch or seed.
+    x = torch.arange(16, dtype=torch.uint8).view(16, 1, 1, 1).expand(16, 3, 1, 1).contiguous()
+    order = lambda epoch, seed=0: torch.cat([b[:, 0, 0, 0] for b in common.batches(x, 4, epoch, seed)]).tolist()  # noqa
+    assert sorted(order(0)) == list(range(16)) and order(0) == order(0)
+    assert order(1) != order(0) and order(0, seed=1) != order(0)
+
+
+def test_the_linear_probe_is_standardised_with_the_training_features():
+    # 1-D features: class 0 at 0.0-0.9, class 1 at 2.0-2.9 (train). The test points 10 and 12 (classes 0, 1) lie far
+    # on class 1's side of every threshold the training data allows, so with the training mean and deviation both are
+    # predicted 1: top-1 50%. (Standardised with the test split's own statistics they would straddle 0 and score 100%.)
+    import eval_linear
+    tr = torch.cat([torch.arange(10) * 0.1, 2 + torch.arange(10) * 0.1]).view(-1, 1)
+    ty = torch.cat([torch.zeros(10), torch.ones(10)]).long()
+    top1, _ = eval_linear.linear_probe(tr, ty, torch.tensor([[10.0], [12.0]]), torch.tensor([0, 1]), epochs=50)
+    assert top1 == 50.0
+
+
 def test_cosine_schedule_values():
     # warm-up: base * step / warmup; then base -> final along half a cosine
     assert common.cosine(5, 110, 1.0, 0.0, 10) == pytest.approx(0.5)
@@ -181,6 +201,12 @@ def test_checkpoint_atomic_and_corrupt(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         common.load_checkpoint(str(tmp_path / "bad.pt"))
+    # a pickled object of any other class (here an argparse.Namespace) would run its module's code when loaded:
+    # refused (weights_only), one line
+    import argparse
+    torch.save({"args": argparse.Namespace(arch="x"), "backbone": {}, "epoch": 1}, tmp_path / "object.pt")
+    with pytest.raises(SystemExit, match="cannot read checkpoint .*object.pt"):
+        common.load_checkpoint(str(tmp_path / "object.pt"))
 
 
 def test_synthetic_is_deterministic_balanced_and_split():

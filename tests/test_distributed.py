@@ -60,11 +60,9 @@ def results(net, x):
         net.zero_grad()
         loss = losses(net(x))[name]
         loss.backward()  # DDP: the gradients are averaged over the ranks here
-        value = loss.detach().clone()
-        if dist.is_initialized():  # the logged value: the mean over the ranks (common.Metrics)
-            dist.all_reduce(value)
-            value /= WORLD
-        out[name] = (value.item(), [p.grad.clone() for p in net.parameters()])
+        metrics = common.Metrics()  # the logged value: under torchrun the mean over the ranks
+        metrics.add(loss=loss)
+        out[name] = (metrics.means()["loss"], [p.grad.clone() for p in net.parameters()])
     return out
 
 
@@ -83,8 +81,18 @@ def worker(rank, path, x, t_out, out):
     simclr.nt_xent(z1, z2, 0.2, *common.columns(z1, z2)).backward()
     opt.step()
     res["step"] = [p.detach().clone() for p in net.module.parameters()]
+    res["knn"] = common.knn_monitor(nn.Flatten(), knn_data(), torch.device("cpu"))  # each rank embeds its share
     torch.save(res, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def knn_data():
+    """30 labelled memory images of 3 classes and 7 queries (shares of 15 and 3 / 4 rows), the pixels as features:
+    each rank's 15 memory rows hold fewer than k = 20, so the merge also meets padded candidates."""
+    g = torch.Generator().manual_seed(2)
+    split = lambda n: common.Split(torch.randint(0, 256, (n, 3, 2, 2), generator=g, dtype=torch.uint8),  # noqa
+                                   torch.randint(0, 3, (n,), generator=g))
+    return common.Data(None, split(30), split(7), (torch.full((3,), 0.5), torch.full((3,), 0.25)), 2)
 
 
 def tiny_simclr():
@@ -116,24 +124,47 @@ def test_two_processes_equal_one(tmp_path):
             same = all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(grads, ref_grads))
             assert same == (name != "trap"), name  # the trap's gradient misses the other rank's share
         assert torch.allclose(res["dino_center"], center, atol=1e-6)
+        assert res["knn"] == common.knn_monitor(nn.Flatten(), knn_data(), torch.device("cpu"))  # the same neighbours
         for p, q in zip(res["step"], net.parameters()):
             assert torch.allclose(p, q, atol=1e-6)  # the DDP step lands on the single-process weights
 
 
-def test_a_script_under_torchrun_trains_one_run_in_one_folder(tmp_path):
-    # torchrun on the CPU (gloo): rank 0 claims the run folder and tells the other rank; DDP without SyncBatchNorm;
-    # the disk tier: the two ranks build each cache once (the other waits on its lock) and read their own rows
+HARNESS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import dino, entrec, hydes, mmae, simclr
+tiny = {tiny!r}
+head = ["--proj-hidden", "16", "--proj-dim", "8"]
+runs = {{"simclr": (simclr, head + ["--data-on", "disk", "--cache-dir", "cache"]), "dino": (dino, ["--out-dim", "32"]),
+        "hydes": (hydes, head + ["--local-crops", "2"]), "entrec": (entrec, head), "mmae": (mmae, ["--arch", "vit_tiny"])}}
+for name, (script, extra) in runs.items():
+    for more in ([], ["--resume", "--epochs", "2"]):  # one epoch, then resumed for a second one
+        script.train(script.get_args(tiny + extra + ["--out-dir", "runs/" + name] + more))
+        dist.barrier()  # rank 1 returns before rank 0 has written last.pt: as two launches, one after the other
+"""
+
+
+def test_every_script_trains_and_resumes_under_torchrun(tmp_path):
+    # The five scripts under torchrun on the CPU (2 gloo ranks, one process each running every script's train(), as
+    # its __main__ does), the kNN monitor after every epoch, a checkpoint, then --resume. Every collective must be
+    # called by every rank: one that a rank alone calls (a monitor on rank 0 gathering features) would stop the run
+    # at the 30 s --dist-timeout instead of hanging. Rank 0 claims each run folder and tells the other rank; DDP
+    # without SyncBatchNorm; SimCLR on the disk tier: the two ranks build each cache once and read their own rows.
     import subprocess
     import sys
 
     from conftest import ROOT, TINY
-    args = TINY + ["--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--num-train", "64", "--batch-size", "32",
-                   "--epochs", "2", "--data-on", "disk", "--cache-dir", str(tmp_path / "cache")]
+    tiny = TINY + ["--width", "4", "--num-train", "64", "--batch-size", "32", "--dist-timeout", "30"]
+    (tmp_path / "all.py").write_text(HARNESS.format(root=ROOT, tiny=tiny))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "simclr.py"), *args], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "all.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert os.listdir(tmp_path / "runs") == ["simclr-synthetic-resnet18"] and p.stderr.count("run folder:") == 1
+    assert sorted(os.listdir(tmp_path / "runs")) == ["dino", "entrec", "hydes", "mmae", "simclr"]
+    assert p.stderr.count("run folder:") == 10  # rank 0 alone claims each folder, at the start and at the resume
     assert p.stderr.count("wrote ") == 2 and len(list((tmp_path / "cache").glob("*.u8"))) == 2  # train, val: once
-    ck = torch.load(tmp_path / "runs" / "simclr-synthetic-resnet18" / "last.pt", weights_only=True)
-    assert ck["epoch"] == 2 and [r["epoch"] for r in ck["log"]] == [1, 2]
+    for name in ("simclr", "dino", "hydes", "entrec", "mmae"):
+        ck = torch.load(tmp_path / "runs" / name / "last.pt", weights_only=True)
+        assert ck["epoch"] == 2 and [r["epoch"] for r in ck["log"]] == [1, 2], name
+        assert all(0 <= r["knn_top1"] <= 100 for r in ck["log"]), name

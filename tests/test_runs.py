@@ -82,7 +82,23 @@ def test_images_of_one_colour_are_one_line_before_training(tmp_path, capsys):
             save(str(tmp_path / split / "a" / f"{i}.png"), np.full((8, 8, 3), (200, 0, 50), np.uint8))
     msg = one_line_error("simclr.py", SIMCLR_TINY + ["--dataset", "folder", "--data-dir", tmp_path, "--batch-size",
                                                      "2", "--out-dir", tmp_path / "run"], capsys)
-    assert "pixel standard deviation of 0 in channel R/G/B" in msg, msg
+    assert "pixel standard deviation below half a grey level in channel R/G/B" in msg, msg
+    # 48 images of one mid-grey (128): their computed standard deviation is rounding noise (5.6e-16 in float64), not
+    # 0, and must be caught all the same (below half a grey level, 0.5 / 255)
+    for i in range(48):
+        save(str(tmp_path / "grey" / "train" / "a" / f"{i}.png"), np.full((32, 32, 3), 128, np.uint8))
+    save(str(tmp_path / "grey" / "val" / "a" / "0.png"), np.full((32, 32, 3), 128, np.uint8))
+    msg = one_line_error("simclr.py", SIMCLR_TINY + ["--dataset", "folder", "--data-dir", tmp_path / "grey",
+                                                     "--batch-size", "2", "--out-dir", tmp_path / "run2"], capsys)
+    assert "below half a grey level in channel R/G/B" in msg, msg
+    # a --data-dir that is a file, or whose train/ is a file: one line each, no NotADirectoryError
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "filetrain").mkdir()
+    (tmp_path / "filetrain" / "train").write_text("x")
+    for where, said in (("afile", "is a file, not a folder"), ("filetrain", "no class folders under")):
+        msg = one_line_error("simclr.py", SIMCLR_TINY + ["--dataset", "folder", "--data-dir", tmp_path / where,
+                                                         "--out-dir", tmp_path / f"run-{where}"], capsys)
+        assert said in msg, msg
 
 
 def test_killed_between_checkpoint_and_log_resumes_without_a_duplicate_line(tmp_path):

@@ -23,16 +23,29 @@ def test_every_tier_trains_bit_identically_and_eval_reads_the_cache(tmp_path, ca
         call("hydes.py", *TIERS_TINY, "--data-on", tier, "--cache-dir", tmp_path / "cache", "--out-dir", out)
         runs[tier] = torch.load(out / "last.pt", weights_only=True)
     err = capsys.readouterr().err
-    assert err.count("wrote ") == 2  # the disk run's train and val caches
+    assert err.count("wrote ") == 2 and "(128 images" in err  # the disk run's train (its subset alone) and val caches
     for tier in ("cpu", "disk"):  # the same batches, crops, losses, weights and kNN
         assert runs[tier]["log"] == runs["device"]["log"]
         assert all(torch.equal(runs[tier]["model"][k], v) for k, v in runs["device"]["model"].items())
     assert runs["disk"]["args"]["data_on"] == "disk"
     res = {t: call("eval_linear.py", "--checkpoint", tmp_path / t / "last.pt", "--probe-epochs", "2", "--device", "cpu")
            for t in ("device", "disk")}
-    err = capsys.readouterr().err
-    assert "decoding" not in err and "wrote " not in err  # eval read the disk run's caches, decoding nothing
+    err = capsys.readouterr().err  # eval read the run's val cache; its memory, all 5,000 training images, is new
+    assert "decoding" not in err and err.count("wrote ") == 1 and "(5,000 images" in err
     assert res["disk"]["knn20_top1"] == res["device"]["knn20_top1"]
+
+
+def test_num_train_decodes_only_its_subset(tmp_path, capsys):
+    # --num-train 4 of a folder's 9 images: the files are chosen before decoding (4 decoded, into a cache of 4), and
+    # they are the images the subset of the whole decoded folder holds, on every tier
+    write_folder(tmp_path / "data")
+    src = common.dataset_source("folder", str(tmp_path / "data"), "train", image_size=8)
+    whole = common.get_dataset("folder", str(tmp_path / "data"), "train", image_size=8)
+    capsys.readouterr()
+    part = common.get_dataset("folder", split="train", src=common.subset(src, 4), cache_dir=str(tmp_path / "cache"))
+    assert "decoded 4 images" in capsys.readouterr().err
+    assert torch.equal(part.images[:], common.subset(whole, 4).images)
+    assert torch.equal(part.labels, common.subset(whole, 4).labels)
 
 
 def test_images_index_like_the_tensor_they_stand_for(tmp_path):
@@ -100,6 +113,36 @@ def test_cache_is_reused_rebuilt_when_its_images_change_and_bad_states_are_one_l
     monkeypatch.setattr(common.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
     with pytest.raises(SystemExit, match=r"cannot write .*: 9 decoded images need 1.8e-06 GB and .* has 1e-06 GB free"):
         get()  # 9 images x (3 x 8 x 8 + 8 label bytes) = 1,800 bytes > 1,000 free
+
+
+def test_a_killed_build_or_a_stale_cache_never_blocks_the_next_build(tmp_path, monkeypatch, capsys):
+    # A disk with room for one cache and 100 bytes more: free = that - the bytes in the cache folder. The stale cache a
+    # changed source leaves, or a killed build's whole-size temporary file, takes the room the next build needs
+    # (9 x (3 x 8 x 8 + 8) = 1,800 bytes); each is removed before the free space is counted, so the build goes through.
+    write_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    get = lambda: common.get_dataset("folder", str(tmp_path / "data"), "train", image_size=8,  # noqa: E731
+                                     cache_dir=str(cache))
+    get()
+    (path,) = cache.glob("*.u8")
+    room = os.path.getsize(path) + 100
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: types.SimpleNamespace(
+        free=room - sum(f.stat().st_size for f in cache.iterdir())))
+    os.utime(tmp_path / "data" / "train" / "b" / "1.png", ns=(0, 0))  # the source changed
+    assert len(get().images) == 9 and "rebuilding it" in capsys.readouterr().err
+    os.replace(path, f"{path}.tmp4242")  # a killed build's file, and no cache
+    assert len(get().images) == 9 and not list(cache.glob("*.tmp*"))
+
+
+def test_one_cache_for_every_spelling_of_the_data_folder(tmp_path, monkeypatch, capsys):
+    # ./data, data, its absolute path and a symbolic link to it are one source: the cache is built once
+    write_folder(tmp_path / "data")
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("./data", "data", str(tmp_path / "data"), "link"):
+        common.get_dataset("folder", spelling, "train", image_size=8, cache_dir=str(tmp_path / "cache"))
+    err = capsys.readouterr().err
+    assert err.count("wrote ") == 1 and "source changed" not in err, err
 
 
 def test_runs_that_start_together_build_the_cache_once(tmp_path):
