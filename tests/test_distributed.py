@@ -137,7 +137,8 @@ import dino, entrec, hydes, mmae, simclr
 tiny = {tiny!r}
 head = ["--proj-hidden", "16", "--proj-dim", "8"]
 runs = {{"simclr": (simclr, head + ["--data-on", "disk", "--cache-dir", "cache"]), "dino": (dino, ["--out-dim", "32"]),
-        "hydes": (hydes, head + ["--local-crops", "2"]), "entrec": (entrec, head), "mmae": (mmae, ["--arch", "vit_tiny"])}}
+        "hydes": (hydes, head + ["--local-crops", "2"]), "entrec": (entrec, head),
+        "mmae": (mmae, ["--arch", "vit_tiny"])}}
 for name, (script, extra) in runs.items():
     for more in ([], ["--resume", "--epochs", "2"]):  # one epoch, then resumed for a second one
         script.train(script.get_args(tiny + extra + ["--out-dir", "runs/" + name] + more))
