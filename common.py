@@ -10,8 +10,10 @@ Part I is what a method file calls, in the order its train() calls it:
     run.save(record, ...); at the end run.finish()
 
 Part II, below its banner, keeps runs safe and scales them (argument resolution and resume checks, devices and DDP,
-dataset sources and decoding, `Images`, tiers and decoded caches, the run folder, checkpoints, signals). A reader of a
-method needs none of it. Calls go from Part I down into Part II, never back up.
+dataset sources and decoding, `Images`, tiers and decoded caches, the run folder, checkpoints, signals), then holds the
+batched image operations (torchvision's transforms for a whole batch, tested equal to them) and the feature extraction
+and neighbour search of the evaluation. A reader of a method needs none of it. Calls go from Part I down into Part II,
+never back up.
 """
 import argparse
 import collections
@@ -312,7 +314,8 @@ class MultiCrop:
     """uint8 (B, 3, H, W) batch -> normalised float views: `n_global` crops of side image_size (from the whole
     decoded square, which may be larger: ImageNet's 224 px crops of 256 px squares), then `n_local` of local_side.
     Colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale (p=0.2), flip; for >= 64 px DINO's blur (p 1.0 / 0.1 global,
-    0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE)."""
+    0.5 local) and solarisation (p 0.2, second global crop). color=False: crop + flip only (MAE). The operations
+    (random_resized_crop, color_jitter, gray, gaussian_blur) are torchvision's, batched: Part II."""
 
     def __init__(self, image_size, stats, n_global=2, n_local=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  color=True):
@@ -359,79 +362,6 @@ def forward_crops(backbone, views):
 def local_side(image_size):
     """The side of a local crop: half the image's, or from 224 px up 3/7 of it (DINO's 96 px at 224)."""
     return 96 * image_size // 224 if image_size >= 224 else max(image_size // 2, 8)
-
-
-def _u(shape, lo, hi, g, device):
-    return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
-
-
-def random_resized_crop(x, size, scale, g, ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision's RandomResizedCrop + horizontal flip for a whole batch: per-sample boxes (10 tries,
-    else the whole image), then one bilinear grid_sample. x float (B, C, H, W) -> (B, C, size, size)."""
-    B, _, H, W = x.shape
-    dev = x.device
-    area = _u((B, 10), scale[0], scale[1], g, dev) * H * W
-    logr = _u((B, 10), math.log(ratio[0]), math.log(ratio[1]), g, dev)
-    w = (area * logr.exp()).sqrt().round()
-    h = (area / logr.exp()).sqrt().round()
-    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)  # first valid try
-    w = torch.where(ok.any(1), w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], W))
-    h = torch.where(ok.any(1), h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], H))
-    j = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).floor()
-    i = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).floor()
-    sx = w / W * (torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * j + w) / W - 1  # output [-1, 1] -> input box [j, j + w)
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * i + h) / H - 1
-    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def gray(x):
-    """Luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601), (B, 3, H, W) -> (B, 1, H, W): PIL's convert("L"), which the
-    official SimCLR and DINO pipelines apply through PIL. torchvision's tensor rgb_to_grayscale weighs R 0.2989 (its
-    weights sum to 0.9999, so a grey pixel is not left as it is): not taken, so that a grey image stays grey."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def color_jitter(x, g, b=0.4, c=0.4, s=0.2, h=0.1):
-    """torchvision's ColorJitter(b, c, s, h) in its fixed order (brightness, contrast, saturation, hue) with a factor
-    per sample: each sample's result is adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x)))) of
-    torchvision.transforms.v2.functional at that sample's factors, up to the grey weights of `gray` (tested).
-    x float (B, 3, H, W) in [0, 1]."""
-    B, dev = x.shape[0], x.device
-    x = (x * _u((B, 1, 1, 1), 1 - b, 1 + b, g, dev)).clamp(0, 1)
-    m = gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean grey level
-    x = ((x - m) * _u((B, 1, 1, 1), 1 - c, 1 + c, g, dev) + m).clamp(0, 1)
-    gr = gray(x)  # saturation: blend with the grey image
-    x = ((x - gr) * _u((B, 1, 1, 1), 1 - s, 1 + s, g, dev) + gr).clamp(0, 1)
-    # Hue: RGB -> HSV (value v = max, chroma delta = max - min, hue from the sector of the largest channel), shift H
-    # by the factor (mod 1), back to RGB by the closed form channel_n = v (1 - sat clamp(min(k, 4 - k), 0, 1)) with
-    # k = (n + 6 H) mod 6 and n = 5, 3, 1 for R, G, B ("HSV to RGB, alternative", Wikipedia's HSL and HSV article;
-    # the same map as torchvision's _hsv_to_rgb, written without its per-sector lookup).
-    v, arg = x.max(1)
-    delta = v - x.min(1).values
-    r, gg, bb = x.unbind(1)
-    d = delta.clamp_min(1e-8)
-    hue = torch.where(arg == 0, ((gg - bb) / d) % 6, torch.where(arg == 1, (bb - r) / d + 2, (r - gg) / d + 4)) / 6
-    hue = (hue + _u((B, 1, 1), -h, h, g, dev)) % 1.0
-    sat = torch.where(v > 0, delta / v.clamp_min(1e-8), torch.zeros_like(v))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=dev).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
-    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def gaussian_blur(x, g, sigma=(0.1, 2.0)):
-    """Per-sample Gaussian blur (kernel ~10% of the side, as DINO's 23 px at 224) as one grouped conv."""
-    B, C, H, W = x.shape
-    k = 2 * max(1, round(0.05 * H)) + 1
-    sig = _u((B, 1), sigma[0], sigma[1], g, x.device)
-    t = torch.arange(k, device=x.device) - k // 2
-    ker = torch.exp(-(t**2) / (2 * sig**2))
-    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
-    return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
 
 
 # ==== Backbones =======================================================================================================
@@ -630,55 +560,10 @@ def knn_monitor(backbone, data, device, k=20, T=0.07):
 
 
 @torch.no_grad()
-def extract_features(backbone, data, stats, device, size=None, rows=None, batch_size=512):
-    """Backbone features (eval mode) of the images `rows` (a range; default all) of `data`: uint8, no augmentation,
-    normalised with `stats`; the centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre
-    crop 224). -> (features, labels) of those rows."""
-    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
-    rows, was, feats = range(len(data.labels)) if rows is None else rows, backbone.training, []
-    backbone.eval()
-    for i in range(rows.start, rows.stop, batch_size) or [rows.start]:  # no rows: one empty batch, (0, D) features
-        x = data.images[i: min(i + batch_size, rows.stop)].to(device)
-        if size and size < x.shape[-1]:
-            o = (x.shape[-1] - size) // 2
-            x = x[..., o: o + size, o: o + size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
-            feats.append(backbone((x.float() / 255 - mean) / std).float())
-    backbone.train(was)
-    return torch.cat(feats), data.labels[rows.start: rows.stop].to(device)
-
-
-@torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07):
     """Weighted kNN (DINO's protocol): the k train features of largest cosine similarity s to a test feature vote
     exp(s / T) for their class. -> (top1, top5) accuracy in percent."""
     return vote(*nearest(train_f, train_y, test_f, k), test_y, T, int(train_y.max()) + 1)
-
-
-@torch.no_grad()
-def nearest(train_f, train_y, test_f, k, batch_size=1024):
-    """The k largest cosine similarities of each test feature to the train features, and those rows' labels, (Q, k)
-    each; with fewer than k train rows the rest is padded with similarity -inf (a vote of 0)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    sims, labels = [], []
-    for i in range(0, len(test_f), batch_size):
-        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
-        sims, labels = sims + [sim], labels + [train_y[idx]]
-    pad = k - min(k, len(train_f))
-    return F.pad(torch.cat(sims), (0, pad), value=-math.inf), F.pad(torch.cat(labels), (0, pad))
-
-
-@torch.no_grad()
-def vote(sim, labels, test_y, T, classes, batch_size=1024):
-    """Each neighbour (cosine similarity s, label) votes exp(s / T) for its class. -> (top1, top5) in percent."""
-    correct1 = correct5 = 0
-    for i in range(0, len(sim), batch_size):
-        s, y = sim[i: i + batch_size], test_y[i: i + batch_size, None]
-        votes = torch.zeros(len(s), classes, device=s.device).scatter_add_(1, labels[i: i + batch_size], (s / T).exp())
-        pred = votes.topk(min(5, classes), dim=1).indices
-        correct1 += (pred[:, :1] == y).sum().item()
-        correct5 += (pred == y).any(1).sum().item()
-    return 100 * correct1 / len(test_y), 100 * correct5 / len(test_y)
 
 
 # ######################################################################################################################
@@ -800,7 +685,8 @@ def gather_rows(x):
 
 class _AllGather(torch.autograd.Function):
     """dist.all_gather with a backward: the gradient of each rank's slice is the sum over ranks of the gradients that
-    reached it (an all-reduce; a bare all_gather would have none)."""
+    reached it (a bare all_gather would have none): a reduce-scatter, which moves 1/W of what an all-reduce of every
+    slice would."""
 
     @staticmethod
     def forward(ctx, x):
@@ -810,9 +696,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        total = torch.stack(grads)  # (world, *x.shape)
-        dist.all_reduce(total)
-        return total[dist.get_rank()]
+        own = grads[0].new_empty(grads[0].numel())
+        dist.reduce_scatter_tensor(own, torch.cat([g.reshape(-1) for g in grads]))  # rank k: sum over ranks of slice k
+        return own.view_as(grads[0])
 
 
 class _AllSum(torch.autograd.Function):
@@ -916,6 +802,15 @@ def model_side(name, image_size, decoded_side):
     """The side of the model's input, decided here alone: --image-size (default 224) for the photographs of SQUARES,
     whose squares are decoded at 8/7 of it (256 px for 224), else the side the images are decoded at."""
     return image_size or 224 if name in SQUARES else decoded_side
+
+
+def centre(x, size):
+    """The centre size x size pixels of images or masks x (..., S, S) when S is larger (ImageNet's 224 of its 256 px
+    squares: DINO's resize 256, centre crop 224); x itself otherwise."""
+    if not size or size >= x.shape[-1]:
+        return x
+    o = (x.shape[-1] - size) // 2
+    return x[..., o: o + size, o: o + size]
 
 
 def source_side(src):
@@ -1059,9 +954,13 @@ def _imagenet(data_dir):
 
 
 def _food101(data_dir, split, download):
-    """-> (files, labels, where, classes) of Food-101 through torchvision (its download and checksum)."""
+    """-> (files, labels, where, classes) of Food-101 through torchvision (its download and checksum), under a lock in
+    data_dir: ranks that start together download it once, the others wait and find it there."""
     try:
-        ds = torchvision.datasets.Food101(data_dir, "test" if split == "val" else "train", download=download)
+        os.makedirs(data_dir, exist_ok=True)
+        with open(os.path.join(data_dir, ".food-101.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ds = torchvision.datasets.Food101(data_dir, "test" if split == "val" else "train", download=download)
     except Exception as e:  # RuntimeError (missing), URLError / OSError (offline)
         how = "could not be downloaded (offline?)" if download else "is not there and --no-download is set"
         die(f"food101 {how} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]. Put food-101.tar.gz "
@@ -1534,3 +1433,121 @@ def restore_log(ck, log):
                 f.writelines(json.dumps(r) + "\n" for r in records)
             os.replace(f"{log}.tmp", log)
     return records
+
+
+# ==== Batched image operations: torchvision's transforms, for a whole batch on its device =============================
+def _u(shape, lo, hi, g, device):
+    return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
+
+
+def random_resized_crop(x, size, scale, g, ratio=(3 / 4, 4 / 3), flip=True):
+    """torchvision's RandomResizedCrop + horizontal flip for a whole batch: per-sample boxes (10 tries,
+    else the whole image), then one bilinear grid_sample. x float (B, C, H, W) -> (B, C, size, size)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    area = _u((B, 10), scale[0], scale[1], g, dev) * H * W
+    logr = _u((B, 10), math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    w = (area * logr.exp()).sqrt().round()
+    h = (area / logr.exp()).sqrt().round()
+    ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = ok.float().argmax(1, keepdim=True)  # first valid try
+    w = torch.where(ok.any(1), w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], W))
+    h = torch.where(ok.any(1), h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], H))
+    j = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).floor()
+    i = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).floor()
+    sx = w / W * (torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else 1.0)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * j + w) / W - 1  # output [-1, 1] -> input box [j, j + w)
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * i + h) / H - 1
+    grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def gray(x):
+    """Luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601), (B, 3, H, W) -> (B, 1, H, W): PIL's convert("L"), which the
+    official SimCLR and DINO pipelines apply through PIL. torchvision's tensor rgb_to_grayscale weighs R 0.2989 (its
+    weights sum to 0.9999, so a grey pixel is not left as it is): not taken, so that a grey image stays grey."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def color_jitter(x, g, b=0.4, c=0.4, s=0.2, h=0.1):
+    """torchvision's ColorJitter(b, c, s, h) in its fixed order (brightness, contrast, saturation, hue) with a factor
+    per sample: each sample's result is adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x)))) of
+    torchvision.transforms.v2.functional at that sample's factors, up to the grey weights of `gray` (tested).
+    x float (B, 3, H, W) in [0, 1]."""
+    B, dev = x.shape[0], x.device
+    x = (x * _u((B, 1, 1, 1), 1 - b, 1 + b, g, dev)).clamp(0, 1)
+    m = gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean grey level
+    x = ((x - m) * _u((B, 1, 1, 1), 1 - c, 1 + c, g, dev) + m).clamp(0, 1)
+    gr = gray(x)  # saturation: blend with the grey image
+    x = ((x - gr) * _u((B, 1, 1, 1), 1 - s, 1 + s, g, dev) + gr).clamp(0, 1)
+    # Hue: RGB -> HSV (value v = max, chroma delta = max - min, hue from the sector of the largest channel), shift H
+    # by the factor (mod 1), back to RGB by the closed form channel_n = v (1 - sat clamp(min(k, 4 - k), 0, 1)) with
+    # k = (n + 6 H) mod 6 and n = 5, 3, 1 for R, G, B ("HSV to RGB, alternative", Wikipedia's HSL and HSV article;
+    # the same map as torchvision's _hsv_to_rgb, written without its per-sector lookup).
+    v, arg = x.max(1)
+    delta = v - x.min(1).values
+    r, gg, bb = x.unbind(1)
+    d = delta.clamp_min(1e-8)
+    hue = torch.where(arg == 0, ((gg - bb) / d) % 6, torch.where(arg == 1, (bb - r) / d + 2, (r - gg) / d + 4)) / 6
+    hue = (hue + _u((B, 1, 1), -h, h, g, dev)) % 1.0
+    sat = torch.where(v > 0, delta / v.clamp_min(1e-8), torch.zeros_like(v))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=dev).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(x, g, sigma=(0.1, 2.0)):
+    """Per-sample Gaussian blur (kernel ~10% of the side, as DINO's 23 px at 224) as one grouped conv."""
+    B, C, H, W = x.shape
+    k = 2 * max(1, round(0.05 * H)) + 1
+    sig = _u((B, 1), sigma[0], sigma[1], g, x.device)
+    t = torch.arange(k, device=x.device) - k // 2
+    ker = torch.exp(-(t**2) / (2 * sig**2))
+    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
+    return F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
+
+
+# ==== Evaluation: features, nearest neighbours, votes =================================================================
+@torch.no_grad()
+def extract_features(backbone, data, stats, device, size=None, rows=None, batch_size=512):
+    """Backbone features (eval mode) of the images `rows` (a range; default all) of `data`: uint8, no augmentation,
+    normalised with `stats`; the centre `size` px of larger squares (ImageNet's 224 of 256: DINO's resize 256, centre
+    crop 224). -> (features, labels) of those rows."""
+    mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
+    rows, was, feats = range(len(data.labels)) if rows is None else rows, backbone.training, []
+    backbone.eval()
+    for i in range(rows.start, rows.stop, batch_size) or [rows.start]:  # no rows: one empty batch, (0, D) features
+        x = data.images[i: min(i + batch_size, rows.stop)].to(device)
+        x = centre(x, size)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_paths(device)):
+            feats.append(backbone((x.float() / 255 - mean) / std).float())
+    backbone.train(was)
+    return torch.cat(feats), data.labels[rows.start: rows.stop].to(device)
+
+
+@torch.no_grad()
+def nearest(train_f, train_y, test_f, k, batch_size=1024):
+    """The k largest cosine similarities of each test feature to the train features, and those rows' labels, (Q, k)
+    each; with fewer than k train rows the rest is padded with similarity -inf (a vote of 0)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    sims, labels = [], []
+    for i in range(0, len(test_f), batch_size):
+        sim, idx = (test_f[i: i + batch_size] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
+        sims, labels = sims + [sim], labels + [train_y[idx]]
+    pad = k - min(k, len(train_f))
+    return F.pad(torch.cat(sims), (0, pad), value=-math.inf), F.pad(torch.cat(labels), (0, pad))
+
+
+@torch.no_grad()
+def vote(sim, labels, test_y, T, classes, batch_size=1024):
+    """Each neighbour (cosine similarity s, label) votes exp(s / T) for its class. -> (top1, top5) in percent."""
+    correct1 = correct5 = 0
+    for i in range(0, len(sim), batch_size):
+        s, y = sim[i: i + batch_size], test_y[i: i + batch_size, None]
+        votes = torch.zeros(len(s), classes, device=s.device).scatter_add_(1, labels[i: i + batch_size], (s / T).exp())
+        pred = votes.topk(min(5, classes), dim=1).indices
+        correct1 += (pred[:, :1] == y).sum().item()
+        correct5 += (pred == y).any(1).sum().item()
+    return 100 * correct1 / len(test_y), 100 * correct5 / len(test_y)

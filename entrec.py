@@ -283,8 +283,9 @@ def train(args):
             views = aug(x, g)
             with common.autocast(args, run.device):
                 z, t, pred = model(views)
+            globals_ = z if len(z) == 2 else z[:2]  # the entropy's points: every rank's 2 global crops
             loss, ent, rec = entrec_loss(z, t, pred, args.variant, args.kappa, args.entropy_estimator,
-                                         args.student_temp, tau_t, common.gather(z[:2], dim=1))  # all global crops
+                                         args.student_temp, tau_t, common.gather(globals_, dim=1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

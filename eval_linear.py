@@ -217,6 +217,26 @@ def read_wordnet(path):
     return parents
 
 
+def synset_names(wordnet_dir):
+    """{offset: NLTK's name of the synset, "lemma.n.NN"}: its first lemma in data.noun, lower-cased, and its sense
+    number, the synset's place among that lemma's noun senses in index.noun (wndb(5): `lemma pos synset_cnt ...
+    synset_offset...`, the offsets last; without index.noun: 01). Used where NLTK breaks a tie by name."""
+    senses = {}
+    with contextlib.suppress(OSError):
+        for line in open(os.path.join(wordnet_dir, "index.noun"), encoding="utf-8", errors="replace"):
+            if not line.startswith(" "):
+                f = line.split()
+                senses[f[0]] = f[len(f) - int(f[2]):]
+    names = {}
+    for line in open(os.path.join(wordnet_dir, "data.noun"), encoding="utf-8", errors="replace"):
+        if not line.startswith(" "):
+            f = line.split(maxsplit=5)
+            offset, lemma = f[0], f[4].lower()
+            order = senses.get(lemma, [])
+            names[offset] = f"{lemma}.n.{order.index(offset) + 1 if offset in order else 1:02d}"
+    return names
+
+
 def hypernym_distances(parents, offset):
     """{ancestor: fewest hypernym steps from `offset` to it}, the synset itself at 0 (breadth first)."""
     dist, frontier = {offset: 0}, [offset]
@@ -231,14 +251,15 @@ def hypernym_distances(parents, offset):
     return dist
 
 
-def wordnet_similarities(parents, offsets):
+def wordnet_similarities(parents, offsets, names=None):
     """(C, C) Wu-Palmer and Leacock-Chodorow similarities and shortest path lengths of the synsets `offsets`, defined
     as NLTK's wup_similarity, lch_similarity and shortest_path_distance (WordNet 3.0 nouns; checked against NLTK on
     all pairs of tin100's 100 classes). With d(a, c) the fewest hypernym steps from a up to c:
       path(a, b) = min over common hypernyms c of d(a, c) + d(b, c);
       Wu-Palmer  = 2 h / (path(a, l) + path(b, l) + 2 h), l the common hypernym farthest from the root by its
-                   shortest path (a itself when it subsumes b; ties: the smaller offset, where NLTK takes the first
-                   name), h = 1 + the longest path from l up to the root;
+                   shortest path (a itself when it subsumes b; of several as far, NLTK's first by synset name,
+                   `names` from synset_names; without names the smallest offset), h = 1 + the longest path from l up
+                   to the root;
       Leacock-Chodorow = -log((path + 1) / (2 D)), D the longest path to the root in the whole noun taxonomy (19)."""
     shortest, longest = {}, {}
 
@@ -262,7 +283,7 @@ def wordnet_similarities(parents, offsets):
             path[i, j] = steps(up[i], up[j])
             deepest = max(depth(c, shortest, min) for c in shared)
             lcs = [c for c in shared if depth(c, shortest, min) == deepest]
-            lcs = offsets[i] if offsets[i] in lcs else min(lcs)
+            lcs = offsets[i] if offsets[i] in lcs else min(lcs, key=lambda c: (names or {}).get(c, c))
             if lcs not in up_of:
                 up_of[lcs] = hypernym_distances(parents, lcs)
             h = depth(lcs, longest, max) + 1
@@ -313,10 +334,10 @@ def cophenetic(dist):
     return coph
 
 
-def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
-    """Spearman correlations between the class-centroid cosine similarities and the WordNet Wu-Palmer / Leacock-
-    Chodorow similarities over the class pairs, and the cophenetic correlation: Pearson between the cophenetic
-    distances of an average-linkage clustering of the centroids (distance 1 - cosine) and the WordNet path lengths."""
+def wordnet_graph(wnids, wordnet_dir):
+    """The hypernym graph of WordNet 3.0's data.noun in wordnet_dir (read_wordnet), after checking what --wordnet
+    needs: classes named by noun ids, a readable data.noun, every class in it; each failure is one line, checked
+    before any feature is computed."""
     bad = [w for w in wnids if not (len(w) == 9 and w[0] == "n" and w[1:].isdigit())]
     if bad:
         common.die(f"--wordnet needs classes named by WordNet noun ids (n01443537), got '{bad[0]}'")
@@ -331,10 +352,18 @@ def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
     missing = [w for w in wnids if w[1:] not in parents]
     if missing:
         common.die(f"{len(missing)} classes are not in {data} (first: {missing[0]}): is it WordNet 3.0?")
+    return parents
+
+
+def wordnet_alignment(centroid_sim, wnids, wordnet_dir):
+    """Spearman correlations between the class-centroid cosine similarities and the WordNet Wu-Palmer / Leacock-
+    Chodorow similarities over the class pairs, and the cophenetic correlation: Pearson between the cophenetic
+    distances of an average-linkage clustering of the centroids (distance 1 - cosine) and the WordNet path lengths."""
+    parents = wordnet_graph(wnids, wordnet_dir)
     try:
-        wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids])
+        wup, lch, path = wordnet_similarities(parents, [w[1:] for w in wnids], synset_names(wordnet_dir))
     except (ValueError, KeyError) as e:  # no common hypernym, or a hypernym pointer to a synset the file lacks
-        common.die(f"{data}: the WordNet graph of these classes is incomplete ({e})")
+        common.die(f"{os.path.join(wordnet_dir, 'data.noun')}: the WordNet graph of these classes is incomplete ({e})")
     C = len(wnids)
     pairs = torch.triu_indices(C, C, 1)
     pick = lambda m: m[pairs[0], pairs[1]]  # noqa: E731  (the C (C - 1) / 2 class pairs)
@@ -419,8 +448,10 @@ def dense_probe(backbone, train, val, stats, device, epochs=20, lr=1e-3, batch_s
     mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
     prep = lambda x: (x.to(device).float() / 255 - mean) / std  # noqa: E731
     labels = torch.cat([train.masks.flatten(), val.masks.flatten()])
-    if (labels != 255).sum() == 0:
-        common.die("--dense: every mask pixel is 255 (void): there is nothing to train or score the probe on")
+    for split, what in ((train, "train"), (val, "score")):
+        if (split.masks != 255).sum() == 0:
+            common.die(f"--dense: every {'training' if what == 'train' else 'held-out'} mask pixel is 255 (void): "
+                       f"there is nothing to {what} the probe on")
     classes = int(labels[labels != 255].max()) + 1
     backbone.eval()
     with torch.no_grad():
@@ -592,11 +623,12 @@ def save_pictures(columns, path, cell=96):
     img.save(path)
 
 
-def pictures(backbone, split, stats, device, kind, path, show=6, measure=256):
+def pictures(backbone, split, stats, device, kind, path, size=None, show=6, measure=256):
     """Where the backbone looks, on `show` images spread over `split`: a PNG grid of each image with its map overlaid
     (ViT, kind 'attention': the CLS attention averaged over blocks and heads, then each head of the last block;
     kind 'saliency': SmoothGrad, any backbone) and the hypercolumn PCA; with masks, the foreground share of the
-    maps over the first `measure` images (see foreground_share). -> the numbers for the JSON."""
+    maps over the first `measure` images (see foreground_share). The images are the model's input, the centre
+    `size` px of larger squares (ImageNet's 224 of 256), as the features see them. -> the numbers for the JSON."""
     mean, std = (s.view(1, 3, 1, 1).to(device) for s in stats)
     backbone.eval()
 
@@ -607,7 +639,7 @@ def pictures(backbone, split, stats, device, kind, path, show=6, measure=256):
             a = cls_attention(backbone, x)  # (B, blocks, heads, g, g)
         return a.mean((1, 2)), list(a[:, -1].unbind(1))
 
-    x = split.images[torch.linspace(0, len(split.images) - 1, show).long()].to(device)  # spread over a sorted split
+    x = common.centre(split.images[torch.linspace(0, len(split.images) - 1, show).long()].to(device), size)
     xn = (x.float() / 255 - mean) / std
     avg, heads = maps(xn)
     with torch.no_grad():
@@ -622,8 +654,8 @@ def pictures(backbone, split, stats, device, kind, path, show=6, measure=256):
         save_pictures(columns + [("PCA", pca)], path)
     out = {"pictures": path, "pictures_map": kind}
     if split.masks is not None:
-        shares = [foreground_share(maps((split.images[i: i + 32].to(device).float() / 255 - mean) / std)[0].detach(),
-                                   split.masks[i: i + 32].to(device))
+        shares = [foreground_share(maps((common.centre(split.images[i: i + 32].to(device), size).float() / 255 - mean)
+                                        / std)[0].detach(), common.centre(split.masks[i: i + 32].to(device), size))
                   for i in range(0, min(measure, len(split.images)), 32)]
         out["foreground_share"], out["foreground_area"] = (torch.cat(v).mean().item() for v in zip(*shares))
     return out
@@ -722,11 +754,8 @@ def prepare(args, ck):
     name, data_dir = args.dataset or saved["dataset"], args.data_dir or saved["data_dir"]
     same = name == saved["dataset"] and data_dir == saved["data_dir"]  # the pretraining images: its classes and cache
     classes = saved.get("classes") if same else None
-    if args.wordnet:
-        class_wnids(name, data_dir, classes)
-        if not os.path.isfile(os.path.join(args.wordnet, "data.noun")):
-            common.die(f"--wordnet {args.wordnet}: no data.noun there (WordNet 3.0 database files; Debian's "
-                       f"wordnet-base installs them in /usr/share/wordnet)")
+    if args.wordnet:  # the class names are noun ids of the data.noun there
+        wordnet_graph(class_wnids(name, data_dir, classes), args.wordnet)
     kind = args.pictures if args.pictures != "auto" else "attention" if saved["arch"].startswith("vit") else "saliency"
     if kind == "attention" and not saved["arch"].startswith("vit"):
         common.die(f"--pictures attention needs a ViT checkpoint (this one is {saved['arch']}): --pictures saliency")
@@ -812,7 +841,7 @@ def main(args):
         res.update(dense_probe(ev.backbone, *ev.seg, ev.stats, ev.device, args.dense_epochs, seed=args.seed))
     if args.pictures:
         res.update(pictures(ev.backbone, ev.seg[1] if ev.seg else ev.val, ev.stats, ev.device, ev.kind,
-                            ev.base + ".pictures.png"))
+                            ev.base + ".pictures.png", ev.size))
     out = ev.base + ".eval.json"
     with common.writing(out), open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -551,6 +551,29 @@ def test_wordnet_alignment_on_a_hand_made_taxonomy(tmp_path, capsys):
             ev.wordnet_alignment(sim, wnids, where)
 
 
+def test_wu_palmer_breaks_a_tie_of_lowest_common_hypernyms_by_name_as_nltk(tmp_path):
+    # x and y both have the hypernyms zebra and apple, each one step under the root entity (a tie of lowest common
+    # hypernyms by shortest depth, 1); apple also sits under cherry, so its longest path to the root is 2, zebra's 1.
+    # NLTK takes the first of the tie by synset name: apple.n.01 < zebra.n.01, h = 2 + 1 = 3, Wu-Palmer
+    # 2 * 3 / (1 + 1 + 2 * 3) = 3/4 (the smaller offset, zebra, would give 2 * 2 / (1 + 1 + 4) = 2/3). The sense
+    # number comes from index.noun: "apple" listing another synset first makes this one apple.n.02, still first.
+    import eval_linear as ev
+    (tmp_path / "data.noun").write_text(
+        "00000001 03 n 01 entity 0 003 ~ 00000002 n 0000 ~ 00000003 n 0000 ~ 00000004 n 0000 | the root\n"
+        "00000002 03 n 01 zebra 0 001 @ 00000001 n 0000 | right under the root\n"
+        "00000003 03 n 01 Apple 0 002 @ 00000001 n 0000 @ 00000004 n 0000 | under the root and under cherry\n"
+        "00000004 03 n 01 cherry 0 001 @ 00000001 n 0000 | under the root\n"
+        "00000005 03 n 01 x 0 002 @ 00000002 n 0000 @ 00000003 n 0000 | under zebra and apple\n"
+        "00000006 03 n 01 y 0 002 @ 00000002 n 0000 @ 00000003 n 0000 | under zebra and apple\n")
+    (tmp_path / "index.noun").write_text("apple n 2 1 @ 2 0 00000009 00000003\nzebra n 1 1 @ 1 0 00000002\n")
+    names = ev.synset_names(str(tmp_path))
+    assert (names["00000003"], names["00000002"], names["00000005"]) == ("apple.n.02", "zebra.n.01", "x.n.01")
+    parents = ev.read_wordnet(str(tmp_path / "data.noun"))
+    wup = ev.wordnet_similarities(parents, ["00000005", "00000006"], names)[0]
+    assert wup[0, 1].item() == pytest.approx(3 / 4)
+    assert ev.wordnet_similarities(parents, ["00000005", "00000006"])[0][0, 1].item() == pytest.approx(2 / 3)
+
+
 def test_ranks_share_ties_and_cophenetic_distances_follow_average_linkage():
     import eval_linear as ev
     assert ev.ranks(torch.tensor([5.0, 1.0, 5.0, 3.0])).tolist() == [3.5, 1.0, 3.5, 2.0]

@@ -169,3 +169,22 @@ def test_every_script_trains_and_resumes_under_torchrun(tmp_path):
         ck = torch.load(tmp_path / "runs" / name / "last.pt", weights_only=True)
         assert ck["epoch"] == 2 and [r["epoch"] for r in ck["log"]] == [1, 2], name
         assert all(0 <= r["knn_top1"] <= 100 for r in ck["log"]), name
+    # Two nodes rehearsed on one machine, as docs/scale.md launches them (c10d rendezvous, one process per node), each
+    # with its own node-local cache: each node builds its caches once, and the first epoch's log equals the one-node
+    # 2-rank run's above, bit for bit.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = [os.path.join(ROOT, "simclr.py"), *tiny, "--proj-hidden", "16", "--proj-dim", "8", "--data-on", "disk",
+              "--out-dir", "two-nodes"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--rdzv-id", "rehearsal", *script, "--cache-dir", f"node{k}"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert [err.count("wrote ") for _, err in outs] == [2, 2]  # train and val, once on each node
+    one = torch.load(tmp_path / "runs" / "simclr" / "last.pt", weights_only=True)["log"][0]
+    assert torch.load(tmp_path / "two-nodes" / "last.pt", weights_only=True)["log"] == [one]

@@ -126,7 +126,7 @@ def test_backbone_loads_into_plain_torchvision(tmp_path, script, arch, extra):
         assert torch.allclose(plain.eval()(x), ours.eval()(x), atol=1e-5)
 
 
-def test_eval_wordnet_on_a_folder_of_wordnet_classes(tmp_path, capsys):
+def test_eval_wordnet_on_a_folder_of_wordnet_classes(tmp_path, capsys, monkeypatch):
     # classes named by WordNet ids (the hand-made taxonomy of test_common): --wordnet adds the three correlations to
     # the JSON; on a dataset whose classes are not WordNet ids, or without data.noun, it is one line before any work
     import numpy as np
@@ -143,9 +143,24 @@ def test_eval_wordnet_on_a_folder_of_wordnet_classes(tmp_path, capsys):
     call("simclr.py", *SIMCLR_TINY, "--dataset", "folder", "--data-dir", tmp_path / "data", "--batch-size", "8",
          "--eval-every", "0", "--out-dir", tmp_path / "run")
     ck = tmp_path / "run" / "last.pt"
+    # the centroid similarities of test_common's hand-made case (dog-cat 0.9, dog-tree 0.1, cat-tree 0.2), in the
+    # classes' sorted order: Spearman sqrt(3) / 2 with both similarities, cophenetic 1, when the classes reach
+    # WordNet in the order of the features' labels
+    import eval_linear
+    sim = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    monkeypatch.setattr(eval_linear, "centroid_similarities", lambda f, y: (sim, torch.ones(3, dtype=torch.bool)))
     call("eval_linear.py", "--checkpoint", ck, "--probe-epochs", "1", "--wordnet", tmp_path / "wn")
     res = json.load(open(tmp_path / "run" / "last.eval.json"))
-    assert all(-1 <= res[k] <= 1 for k in ("wordnet_wup_spearman", "wordnet_lch_spearman", "wordnet_cophenetic"))
+    assert (res["wordnet_wup_spearman"], res["wordnet_lch_spearman"]) == pytest.approx((3**0.5 / 2, 3**0.5 / 2))
+    assert res["wordnet_cophenetic"] == pytest.approx(1.0)
+    monkeypatch.undo()
+    # a class missing from data.noun is one line before any feature is computed
+    (tmp_path / "wn2").mkdir()
+    (tmp_path / "wn2" / "data.noun").write_text(WORDNET.replace("00000006 20 n 01 tree", "00000007 20 n 01 tree"))
+    monkeypatch.setattr(common, "extract_features", lambda *a, **k: pytest.fail("features before the WordNet check"))
+    msg = one_line_error("eval_linear.py", ["--checkpoint", ck, "--wordnet", tmp_path / "wn2"], capsys)
+    assert "1 classes are not in" in msg and "n00000006" in msg
+    monkeypatch.undo()
     assert "no data.noun" in one_line_error("eval_linear.py", ["--checkpoint", ck, "--wordnet", tmp_path], capsys)
     call("simclr.py", *SIMCLR_TINY, "--out-dir", tmp_path / "synthetic")
     msg = one_line_error("eval_linear.py", ["--checkpoint", tmp_path / "synthetic" / "last.pt", "--wordnet",

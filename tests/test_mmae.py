@@ -145,3 +145,13 @@ def test_matrix_information_closed_forms(b, d):
     out = matrix_information(q, same)
     assert [out[k] for k in ("matrix_entropy", "matrix_joint_entropy", "matrix_mi")] == pytest.approx(
         [math.log(b) / 2, math.log(b), 0], abs=1e-12)
+
+
+def test_matrix_information_of_rows_at_60_degrees():
+    # Two rows at 60 degrees (cosine 1/2): the squared cosines sum to 1 + 1 + 2/4 = 5/2, so H_2 = 2 log 2 - log 5/2
+    # = log 1.6 (unsquared cosines would give log 4/3; the von Neumann entropy of eigenvalues 3/4, 1/4 gives 0.562).
+    # Against two orthogonal rows (H_2 = log 2) the entrywise product is I: joint log 2, so I_2 = log 1.6.
+    z1, z2 = torch.tensor([[1.0, 0.0], [0.5, 3**0.5 / 2]]), torch.eye(2)
+    out = matrix_information(z1, z2)
+    assert out["matrix_entropy"] == pytest.approx((math.log(1.6) + math.log(2)) / 2)
+    assert (out["matrix_joint_entropy"], out["matrix_mi"]) == pytest.approx((math.log(2), math.log(1.6)))

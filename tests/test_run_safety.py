@@ -29,7 +29,21 @@ def start(*args, cwd=ROOT, code=None):
                                                                      *map(str, args)]
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, env=ENV, text=True)
     p.err = lambda: open(log.name).read()
+    STARTED.append(p)
     return p
+
+
+STARTED = []  # the processes this module started: a test that fails must not leave one running
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_runs_started_together_get_a_folder_each(tmp_path):

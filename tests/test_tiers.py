@@ -48,6 +48,29 @@ def test_num_train_decodes_only_its_subset(tmp_path, capsys):
     assert torch.equal(part.labels, common.subset(whole, 4).labels)
 
 
+def test_food101_is_downloaded_by_one_process_at_a_time(tmp_path, monkeypatch):
+    # two ranks asking for Food-101 at once (here two threads, each with its own open lock file, as two processes):
+    # torchvision's download runs for one while the other waits, never twice at the same time
+    import threading
+    import time
+    inside, overlaps = [], []
+
+    class Food101:  # a download taking 0.2 s that notes whether another one is running
+        def __init__(self, root, split, download):
+            overlaps.append(bool(inside))
+            inside.append(1)
+            time.sleep(0.2)
+            inside.pop()
+            self._image_files, self._labels, self.classes = [os.path.join(root, "x.jpg")], [0], ["apple_pie"]
+    monkeypatch.setattr(common.torchvision.datasets, "Food101", Food101)
+    threads = [threading.Thread(target=common.dataset_source, args=("food101", str(tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [False, False]
+
+
 def test_images_index_like_the_tensor_they_stand_for(tmp_path):
     x = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8)
     disk = common.cached(common.Split(x, torch.arange(7)), ("synthetic", "train", 4), str(tmp_path), False)

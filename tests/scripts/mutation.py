@@ -8,8 +8,10 @@ the suite caught it (killed) or not (survived). docs/testing.md states the score
     python tests/scripts/mutation.py --full           # the whole suite for each mutant (~5 minutes each)
 """
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,8 +110,8 @@ MUTANTS = [
     ("common.py", "return (*(gather(x, dim) for x in xs), world_rank()[1] * xs[0].shape[dim])",
      "return (*(gather(x, dim) for x in xs), world_rank()[1] * xs[0].shape[0])", [T + "common.py"],
      "the sharded offset counted in crops, not images: every rank but 0 wrong"),
-    ("common.py", "        dist.all_reduce(total)\n        return total[dist.get_rank()]",
-     "        return total[dist.get_rank()]", [T + "distributed.py"],
+    ("common.py", "        dist.reduce_scatter_tensor(own, torch.cat([g.reshape(-1) for g in grads]))",
+     "        own.copy_(grads[dist.get_rank()].reshape(-1))", [T + "distributed.py"],
      "the gather's backward keeps only this rank's gradient (lightly #1920)"),
     ("common.py", "            dist.all_reduce(values)\n            values /= dist.get_world_size()",
      "            values /= dist.get_world_size()", [T + "distributed.py"],
@@ -168,12 +170,16 @@ def run_mutant(k, mutant, full, timeout):
         open(os.path.join(tmp, path), "w").write(text.replace(old, new))
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + ([] if full else tests)
         start = time.time()
+        p = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"}, start_new_session=True)
         try:
-            p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "OMP_NUM_THREADS": "2"})
-            verdict = "killed" if p.returncode not in (0, 5) else "SURVIVED"
+            verdict = "killed" if p.wait(timeout=timeout) not in (0, 5) else "SURVIVED"
         except subprocess.TimeoutExpired:
             verdict = "killed (timeout)"
+        finally:  # a test that failed may have left a process of the mutant running: its whole group goes
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         return verdict, time.time() - start
 
 
