@@ -82,6 +82,7 @@ def worker(rank, path, x, t_out, out):
     opt.step()
     res["step"] = [p.detach().clone() for p in net.module.parameters()]
     res["knn"] = common.knn_monitor(nn.Flatten(), knn_data(), torch.device("cpu"))  # each rank embeds its share
+    res["gathered"] = common.gather(torch.full((2,), rank + 0.5, dtype=torch.bfloat16))  # under autocast: in fp32
     torch.save(res, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -125,6 +126,7 @@ def test_two_processes_equal_one(tmp_path):
             assert same == (name != "trap"), name  # the trap's gradient misses the other rank's share
         assert torch.allclose(res["dino_center"], center, atol=1e-6)
         assert res["knn"] == common.knn_monitor(nn.Flatten(), knn_data(), torch.device("cpu"))  # the same neighbours
+        assert res["gathered"].dtype == torch.float32 and res["gathered"].tolist() == [0.5, 0.5, 1.5, 1.5]
         for p, q in zip(res["step"], net.parameters()):
             assert torch.allclose(p, q, atol=1e-6)  # the DDP step lands on the single-process weights
 
@@ -138,7 +140,7 @@ tiny = {tiny!r}
 head = ["--proj-hidden", "16", "--proj-dim", "8"]
 runs = {{"simclr": (simclr, head + ["--data-on", "disk", "--cache-dir", "cache"]), "dino": (dino, ["--out-dim", "32"]),
         "hydes": (hydes, head + ["--local-crops", "2"]), "entrec": (entrec, head),
-        "mmae": (mmae, ["--arch", "vit_tiny"])}}
+        "mmae": (mmae, ["--arch", "vit_tiny", "--patch-size", "8"])}}
 for name, (script, extra) in runs.items():
     for more in ([], ["--resume", "--epochs", "2"]):  # one epoch, then resumed for a second one
         script.train(script.get_args(tiny + extra + ["--out-dir", "runs/" + name] + more))

@@ -28,10 +28,11 @@ def tin10(tmp_path_factory):
     return root
 
 
-def floor(data_dir):
+@pytest.fixture(scope="module")
+def floor(tin10):
     """kNN top-1 (k=20) of the randomly initialised backbone a run with --seed 0 starts from, on the same data."""
-    train = common.subset(common.get_dataset("folder", str(data_dir), "train", image_size=32), 2000)
-    return random_init_knn(train, common.get_dataset("folder", str(data_dir), "val", image_size=32))
+    train = common.subset(common.get_dataset("folder", str(tin10), "train", image_size=32), 2000)
+    return random_init_knn(train, common.get_dataset("folder", str(tin10), "val", image_size=32))
 
 
 def trained(script, tmp_path, data_dir, *flags):
@@ -48,8 +49,8 @@ def trained(script, tmp_path, data_dir, *flags):
     ("dino.py", [], 3.0),
     ("simclr.py", ["--proj-hidden", "512"], 2.0),
 ])
-def test_learns_on_real_images(tin10, tmp_path, script, flags, margin):
-    base = floor(tin10)
+def test_learns_on_real_images(tin10, floor, tmp_path, script, flags, margin):
+    base = floor
     knn = trained(script, tmp_path, tin10, *flags)
     print(f"{script}: random-init kNN {base:.1f}%, trained {knn:.1f}%")
     assert knn >= base + margin

@@ -71,6 +71,29 @@ def test_food101_is_downloaded_by_one_process_at_a_time(tmp_path, monkeypatch):
     assert overlaps == [False, False]
 
 
+def test_host_memory_stays_within_the_cgroup_limits(tmp_path):
+    # A SLURM-like cgroup v2 tree: the job allows 1 GB and uses 0.25, its step below allows 2 GB: what the process can
+    # have is the tightest, 1 - 0.25 = 0.75 GB (MemAvailable here is larger); a v1 memory controller likewise
+    # (0.5 GB limit, 0.1 used -> 0.4 GB); no limit ("max") leaves MemAvailable.
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    for d, limit, used in ((v2 / "job", "1000000000", "250000000"), (v2 / "job" / "step", "2000000000", "100")):
+        (d / "memory.max").write_text(limit + "\n")
+        (d / "memory.current").write_text(used + "\n")
+    (tmp_path / "own2").write_text("0::/job/step\n")
+    available = common.host_memory(str(tmp_path / "none"), str(tmp_path / "none"))
+    assert available > 10**9  # this machine's MemAvailable, for the checks below to mean something
+    assert common.host_memory(str(v2), str(tmp_path / "own2")) == 750_000_000
+    v1 = tmp_path / "v1" / "memory" / "slurm"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("500000000\n")
+    (v1 / "memory.usage_in_bytes").write_text("100000000\n")
+    (tmp_path / "own1").write_text("5:cpuset:/slurm\n4:memory:/slurm\n")
+    assert common.host_memory(str(tmp_path / "v1"), str(tmp_path / "own1")) == 400_000_000
+    (v2 / "job" / "memory.max").write_text("max\n")
+    assert common.host_memory(str(v2), str(tmp_path / "own2")) == min(available, 2_000_000_000 - 100)
+
+
 def test_images_index_like_the_tensor_they_stand_for(tmp_path):
     x = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8)
     disk = common.cached(common.Split(x, torch.arange(7)), ("synthetic", "train", 4), str(tmp_path), False)

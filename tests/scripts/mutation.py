@@ -171,7 +171,7 @@ def run_mutant(k, mutant, full, timeout):
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + ([] if full else tests)
         start = time.time()
         p = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "OMP_NUM_THREADS": "2"}, start_new_session=True)
+                             env={**os.environ, "OMP_NUM_THREADS": "2"}, preexec_fn=os.setpgrp)
         try:
             verdict = "killed" if p.wait(timeout=timeout) not in (0, 5) else "SURVIVED"
         except subprocess.TimeoutExpired:
