@@ -44,6 +44,11 @@ from tqdm import tqdm
 IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "tinyimagenet", "imagenet", "food101", "synthetic")
 ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small")
+# A split of a dataset: uint8 images (N, 3, S, S), int64 labels (N,) (-1: none), masks uint8 (N, H, W) or None
+Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))
+Data = collections.namedtuple("Data", "images memory val stats size tier cache_dir", defaults=(None, "device", None))
+# what load_data gives a run: the training images, the labelled kNN memory and query splits, pixel (mean, std), the
+# model's input side, where the training images live (--data-on) and their cache folder (disk tier)
 
 
 def die(msg):
@@ -264,12 +269,6 @@ class Run:
 
 
 # ==== Data: uint8 images (N, 3, S, S) + int64 labels (N,) (-1: none) ==================================================
-Split = collections.namedtuple("Split", "images labels masks", defaults=(None,))  # masks: uint8 (N, H, W) or None
-Data = collections.namedtuple("Data", "images memory val stats size tier cache_dir", defaults=(None, "device", None))
-# the training images, the labelled kNN memory and query splits, pixel (mean, std), the model's input side, where the
-# training images live (--data-on) and their cache folder (disk tier)
-
-
 def load_data(args, device):
     """-> Data: the pretraining images where --data-on says (device: a uint8 tensor on `device`; cpu / disk: Images
     that feed `batches` on it), the labelled kNN memory and query splits, the per-channel pixel (mean, std) of up to
