@@ -179,7 +179,7 @@ def test_one_pass_crops_follow_the_law_of_the_per_crop_path(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*again))
 
 
-def test_blur_and_solarisation_rates_per_crop(monkeypatch):
+def test_blur_solarisation_and_grayscale_rates_per_crop(monkeypatch):
     # 64 px data, 2 global + 2 local crops of 1,000 grey images (0.95): the blur is replaced by a marker (every pixel
     # 0.46, which neither a jittered grey, >= 0.57, nor a solarised one, <= 0.43, can be), so each crop's rate of
     # blurred and of solarised images is counted: blur 1.0 / 0.1 on the global crops and 0.5 on the local ones,
@@ -192,6 +192,13 @@ def test_blur_and_solarisation_rates_per_crop(monkeypatch):
     solarised = torch.stack([(v.mean((1, 2, 3)) < 0.44).float().mean() for v in views])
     assert torch.allclose(blurred, torch.tensor([1.0, 0.1, 0.5, 0.5]), atol=0.05), blurred
     assert torch.allclose(solarised, torch.tensor([0.0, 0.2 * 0.9, 0.0, 0.0]), atol=0.04), solarised
+    # Grayscale, p 0.2 per crop: on red images (32 px: no blur or solarisation) a crop is grey exactly when its three
+    # channels are equal, which the colour jitter alone never makes them (its saturation factor is at least 0.8)
+    red = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8)
+    red[:, 0] = 200
+    grey = torch.stack([(v[:, 0] == v[:, 1]).all(2).all(1).float().mean() for v in crops(False, red, monkeypatch,
+                                                                                       n_local=0)])
+    assert torch.allclose(grey, torch.tensor([0.2, 0.2]), atol=0.04), grey
 
 
 def test_gaussian_blur_is_the_normalised_gaussian_of_its_drawn_sigma():

@@ -144,10 +144,19 @@ MUTANTS = [
      [T + "run_safety.py"], "a log line torn by a kill is never mended"),
     # the evaluations
     ("eval_linear.py", "mu, sd = train_f.mean(0), train_f.std(0) + 1e-6",
-     "mu, sd = test_f.mean(0), test_f.std(0) + 1e-6", [T + "e2e.py"],
-     "the probe standardised with the test split's statistics"),
+     "mu, sd = test_f.mean(0), test_f.std(0) + 1e-6", [T + "common.py", T + "e2e.py"],
+     "the probe standardised with the test split's statistics (an affine map of both splits: see docs/testing.md)"),
     ("eval_linear.py", "return (a - b).pow(2).sum(1).mean().item()", "return (a - b).norm(dim=1).mean().item()",
      [T + "common.py"], "alignment without the square (not Wang & Isola's)"),
+    ("mmae.py", "c1, c2 = (z1 @ z1.T) ** 2, (z2 @ z2.T) ** 2", "c1, c2 = (z1 @ z1.T).abs(), (z2 @ z2.T).abs()",
+     [T + "mmae.py"], "the order-2 matrix entropy of unsquared cosines (right on 0/1 Gram matrices only)"),
+    ("eval_linear.py", "always[:, counts.argmax()] = confusion.sum(1)", "always[:, counts.argmin()] = confusion.sum(1)",
+     [T + "dense.py"], "the dense baseline predicts the rarest class, not the most frequent"),
+    ("eval_linear.py", "lcs = offsets[i] if offsets[i] in lcs else min(lcs, key=lambda c: (names or {}).get(c, c))",
+     "lcs = offsets[i] if offsets[i] in lcs else min(lcs)", [T + "common.py"],
+     "Wu-Palmer ties broken by offset, not by NLTK's synset name (99 of 3,321 pairs differ)"),
+    ("eval_linear.py", "common.centre(split.masks[i: i + 32].to(device), size)", "split.masks[i: i + 32].to(device)",
+     [T + "dense.py"], "ImageNet's foreground share measured on the 256 px squares, the features seeing 224 px"),
 ]
 
 
